@@ -1,0 +1,24 @@
+# ipex-lars: the commands a newcomer needs.
+#   make train            set up the default stack and run the main job (digits recipe)
+#   make test             set up the stack and run the test suite
+#   make test STACK=native
+STACK ?= ipex
+VENV  := .venv-$(STACK)
+PY    := $(VENV)/bin/python
+
+.PHONY: setup test bench-optim doctor clean
+
+setup:
+	@bash env/setup.sh $(STACK)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-optim: setup
+	$(VENV)/bin/ipex-lars bench optimizer
+
+doctor: setup
+	$(VENV)/bin/ipex-lars doctor
+
+clean:
+	rm -rf build .pytest_cache

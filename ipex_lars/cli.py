@@ -1,0 +1,45 @@
+"""The ``ipex-lars`` command: one entry point, one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module with add_arguments(parser) and run(args) -> exit code
+COMMANDS = {
+    "doctor": ("ipex_lars.doctor", "report the stack, CPU, topology and whether the C++ extensions load"),
+    "build": ("ipex_lars.build", "build the C++ extensions for this torch and CPU (env/setup.sh runs it)"),
+}
+# `ipex-lars bench NAME`
+BENCHMARKS = {
+    "optimizer": ("ipex_lars.bench.optimizer", "LARS step time: fused vs foreach vs reference (vs IPEX) vs the memory floor"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ipex-lars",
+        description="Large-batch training with LARS on Xeon CPUs. Run `ipex-lars COMMAND --help` for details.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side in one run",
+                           description="Benchmarks. Each prints a table and JSON; see docs/BENCHMARKS.md.")
+    bench_sub = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for name, (module, help_text) in BENCHMARKS.items():
+        p = bench_sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return importlib.import_module(args._module).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

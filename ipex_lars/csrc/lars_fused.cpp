@@ -1,0 +1,293 @@
+// Fused multi-tensor LARS step (You, Gitman, Ginsburg, arXiv 1708.03888;
+// You, Zhang, Hsieh, Demmel, Keutzer, "ImageNet Training in Minutes").
+//
+// One call updates every parameter of a param group. Tensors are cut into
+// fixed-size blocks; blocks run in parallel on ATen's thread pool and are
+// vectorised with at::vec. Consecutive tensors are processed in batches that
+// fit in the last-level cache, so the second pass (the update) re-reads w and
+// g from cache, not DRAM, after the first pass (the norms). Norm partials are
+// summed per block in a fixed order, so results do not depend on the thread
+// count. The trust ratio stays on the CPU side of the kernel: no host sync.
+//
+// The update, with d = g + wd*w and rate = lr*tau (or min(tau, lr) with clip):
+//   paper style: v = m*v + rate*d;  w -= nesterov ? m*v + rate*d : v
+//   sgd style:   v = m*v + d;       w -= rate * (nesterov ? m*v + d : v)
+// Both are v = m*v + a*d; w -= s*(nesterov ? m*v + a*d : v) with
+// (a, s) = (rate, 1) for the paper and (1, rate) for sgd.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+using BVec = at::vec::Vectorized<at::BFloat16>;
+
+constexpr int64_t kBlock = 16384;          // elements per parallel work item
+constexpr int64_t kBatchElems = 1 << 20;   // elements per cache-sized batch of tensors
+
+struct Slot {
+  float* w;                   // fp32 weights: the parameter or its fp32 master copy
+  const void* g;              // gradient, fp32 or bf16
+  bool g_bf16;
+  float* v;                   // fp32 momentum buffer
+  at::BFloat16* low;          // bf16 parameter refreshed from the master, or nullptr
+  int64_t n;
+  float a = 0.f, s = 0.f;     // update coefficients, set per step
+};
+
+struct Block {
+  int32_t slot;
+  int64_t begin, end;
+};
+
+// Loads 2*Vec::size() gradient values starting at i as two float vectors.
+inline void load_grad(const Slot& t, int64_t i, Vec& g0, Vec& g1) {
+  if (t.g_bf16) {
+    auto b = BVec::loadu(static_cast<const at::BFloat16*>(t.g) + i);
+    std::tie(g0, g1) = at::vec::convert_to_float<at::BFloat16>(b);
+  } else {
+    const float* g = static_cast<const float*>(t.g) + i;
+    g0 = Vec::loadu(g);
+    g1 = Vec::loadu(g + Vec::size());
+  }
+}
+
+inline float grad_at(const Slot& t, int64_t i) {
+  return t.g_bf16 ? static_cast<float>(static_cast<const at::BFloat16*>(t.g)[i])
+                  : static_cast<const float*>(t.g)[i];
+}
+
+// Sums of squares of w and g over [begin, end) of one tensor.
+void sumsq(const Slot& t, int64_t begin, int64_t end, double& sw, double& sg) {
+  constexpr int64_t kStep = 2 * Vec::size();
+  Vec aw0(0.f), aw1(0.f), ag0(0.f), ag1(0.f);
+  int64_t i = begin;
+  for (; i + kStep <= end; i += kStep) {
+    Vec w0 = Vec::loadu(t.w + i), w1 = Vec::loadu(t.w + i + Vec::size());
+    Vec g0, g1;
+    load_grad(t, i, g0, g1);
+    aw0 = at::vec::fmadd(w0, w0, aw0);
+    aw1 = at::vec::fmadd(w1, w1, aw1);
+    ag0 = at::vec::fmadd(g0, g0, ag0);
+    ag1 = at::vec::fmadd(g1, g1, ag1);
+  }
+  float lw[Vec::size()], lg[Vec::size()];
+  (aw0 + aw1).store(lw);
+  (ag0 + ag1).store(lg);
+  double w = 0.0, g = 0.0;
+  for (int64_t k = 0; k < Vec::size(); ++k) {
+    w += lw[k];
+    g += lg[k];
+  }
+  for (; i < end; ++i) {
+    float gi = grad_at(t, i);
+    w += static_cast<double>(t.w[i]) * t.w[i];
+    g += static_cast<double>(gi) * gi;
+  }
+  sw = w;
+  sg = g;
+}
+
+void update(const Slot& t, int64_t begin, int64_t end, float m, float wd, bool nesterov) {
+  constexpr int64_t kStep = 2 * Vec::size();
+  const Vec vm(m), vwd(wd), va(t.a), vs(t.s);
+  auto one = [&](Vec w, Vec g, Vec v, Vec& w_out, Vec& v_out) {
+    Vec d = at::vec::fmadd(vwd, w, g);
+    Vec u = va * d;
+    v_out = at::vec::fmadd(vm, v, u);
+    Vec step = nesterov ? at::vec::fmadd(vm, v_out, u) : v_out;
+    w_out = w - vs * step;
+  };
+  int64_t i = begin;
+  for (; i + kStep <= end; i += kStep) {
+    Vec g0, g1;
+    load_grad(t, i, g0, g1);
+    Vec w0 = Vec::loadu(t.w + i), w1 = Vec::loadu(t.w + i + Vec::size());
+    Vec v0 = Vec::loadu(t.v + i), v1 = Vec::loadu(t.v + i + Vec::size());
+    one(w0, g0, v0, w0, v0);
+    one(w1, g1, v1, w1, v1);
+    w0.store(t.w + i);
+    w1.store(t.w + i + Vec::size());
+    v0.store(t.v + i);
+    v1.store(t.v + i + Vec::size());
+    if (t.low) {
+      auto b = at::vec::convert_from_float<at::BFloat16>(w0, w1);
+      b.store(t.low + i);
+    }
+  }
+  for (; i < end; ++i) {
+    float w = t.w[i], g = grad_at(t, i), v = t.v[i];
+    float d = wd * w + g;
+    float u = t.a * d;
+    v = m * v + u;
+    float step = nesterov ? m * v + u : v;
+    w = w - t.s * step;
+    t.w[i] = w;
+    t.v[i] = v;
+    if (t.low) t.low[i] = static_cast<at::BFloat16>(w);
+  }
+}
+
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  return a.sizes() == b.sizes() && a.strides() == b.strides();
+}
+
+// One param group's tensors, kept across steps so a step costs no per-tensor
+// Python work. `weights[i]` is `params[i]` itself for fp32 parameters, or the
+// fp32 master copy of a bf16 parameter. A state slot not yet created is an
+// empty placeholder tensor; step() reports those that now have a gradient.
+class GroupPlan {
+ public:
+  GroupPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> weights, std::vector<at::Tensor> bufs)
+      : params_(std::move(params)), weights_(std::move(weights)), bufs_(std::move(bufs)) {
+    TORCH_CHECK(params_.size() == weights_.size() && params_.size() == bufs_.size(),
+                "LARS fused: params, weights and momentum buffers must have the same length");
+  }
+
+  void set_state(int64_t i, at::Tensor weight, at::Tensor buf) {
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(params_.size()), "LARS fused: index out of range");
+    weights_[i] = std::move(weight);
+    bufs_[i] = std::move(buf);
+  }
+
+  // Updates every parameter that has a gradient and state; returns the
+  // indices of parameters that have a gradient but no state yet.
+  std::vector<int64_t> step(double lr, double momentum, double weight_decay, double trust_coefficient,
+                            double eps, bool nesterov, bool paper_style, bool clip, bool adapt) {
+    std::vector<int64_t> missing;
+    std::vector<Slot> slots;
+    std::vector<at::Tensor> keep;          // temporaries that must outlive the kernel
+    std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (relaid-out buffer, original)
+    slots.reserve(params_.size());
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& p = params_[i];
+      const at::Tensor& grad = p.grad();
+      if (!grad.defined() || p.numel() == 0) continue;
+      const at::Tensor& w = weights_[i];
+      at::Tensor v = bufs_[i];
+      if (v.numel() != p.numel() || w.numel() != p.numel()) {
+        missing.push_back(static_cast<int64_t>(i));
+        continue;
+      }
+      TORCH_CHECK(!grad.is_sparse(), "LARS does not support sparse gradients");
+      TORCH_CHECK(p.device().is_cpu() && grad.device().is_cpu(),
+                  "LARS fused runs on CPU tensors; use impl='foreach' for other devices");
+      TORCH_CHECK(w.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+                  "LARS fused: weights and momentum must be float32 (bf16 parameters keep an fp32 master)");
+      TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16,
+                  "LARS fused: gradients must be float32 or bfloat16, got ", grad.scalar_type());
+      const bool has_master = !w.is_same(p);
+      TORCH_CHECK(!has_master || p.scalar_type() == at::kBFloat16,
+                  "LARS fused: a parameter with an fp32 master copy must be bfloat16");
+      TORCH_CHECK(w.is_non_overlapping_and_dense(), "LARS fused: parameters must be dense tensors");
+      at::Tensor g = grad;
+      if (!same_layout(g, w)) {
+        g = at::empty_like(w, g.scalar_type());
+        g.copy_(grad);
+        keep.push_back(g);
+      }
+      if (!same_layout(v, w)) {
+        at::Tensor relaid = at::empty_like(w);
+        relaid.copy_(v);
+        copy_back.emplace_back(relaid, v);
+        v = relaid;
+      }
+      at::Tensor low;
+      if (has_master) {
+        low = p;
+        if (!same_layout(p, w)) {
+          low = at::empty_like(w, p.scalar_type());
+          copy_back.emplace_back(low, p);
+        }
+      }
+      Slot s;
+      s.w = w.data_ptr<float>();
+      s.g = g.data_ptr();
+      s.g_bf16 = g.scalar_type() == at::kBFloat16;
+      s.v = v.data_ptr<float>();
+      s.low = has_master ? low.data_ptr<at::BFloat16>() : nullptr;
+      s.n = w.numel();
+      slots.push_back(s);
+    }
+    run(slots, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, paper_style, clip, adapt);
+    for (auto& [src, dst] : copy_back) dst.copy_(src);
+    return missing;
+  }
+
+ private:
+  static void run(std::vector<Slot>& slots, double lr, double momentum, double wd, double eta, double eps,
+                  bool nesterov, bool paper_style, bool clip, bool adapt) {
+    std::vector<Block> blocks;
+    std::vector<double> partial;  // 2 per block: sum w^2, sum g^2
+    size_t first = 0;
+    while (first < slots.size()) {
+      // A batch: consecutive tensors until about kBatchElems elements (at least one tensor).
+      size_t last = first;
+      int64_t elems = 0;
+      blocks.clear();
+      while (last < slots.size() && (last == first || elems + slots[last].n <= kBatchElems)) {
+        for (int64_t b = 0; b < slots[last].n; b += kBlock)
+          blocks.push_back({static_cast<int32_t>(last), b, std::min(b + kBlock, slots[last].n)});
+        elems += slots[last].n;
+        ++last;
+      }
+      const int64_t nb = static_cast<int64_t>(blocks.size());
+      if (adapt) {
+        partial.assign(2 * nb, 0.0);
+        at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b)
+            sumsq(slots[blocks[b].slot], blocks[b].begin, blocks[b].end, partial[2 * b], partial[2 * b + 1]);
+        });
+      }
+      // Per tensor: trust ratio from the block partials, in block order.
+      int64_t b = 0;
+      for (size_t t = first; t < last; ++t) {
+        double sw = 0.0, sg = 0.0;
+        for (; b < nb && blocks[b].slot == static_cast<int32_t>(t); ++b) {
+          if (adapt) {
+            sw += partial[2 * b];
+            sg += partial[2 * b + 1];
+          }
+        }
+        double rate = lr;
+        if (adapt) {
+          const double wn = std::sqrt(sw), gn = std::sqrt(sg);
+          const double tau = (wn > 0.0 && gn > 0.0) ? eta * wn / (gn + wd * wn + eps) : 1.0;
+          rate = clip ? std::min(tau, lr) : lr * tau;
+        }
+        slots[t].a = paper_style ? static_cast<float>(rate) : 1.f;
+        slots[t].s = paper_style ? 1.f : static_cast<float>(rate);
+      }
+      const float m = static_cast<float>(momentum), fwd = static_cast<float>(wd);
+      at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t k = b0; k < b1; ++k)
+          update(slots[blocks[k].slot], blocks[k].begin, blocks[k].end, m, fwd, nesterov);
+      });
+      first = last;
+    }
+  }
+
+  std::vector<at::Tensor> params_, weights_, bufs_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused multi-tensor LARS step for CPU tensors";
+  m.attr("vector_width") = static_cast<int64_t>(Vec::size());
+  pybind11::class_<GroupPlan>(m, "GroupPlan")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(),
+           pybind11::arg("params"), pybind11::arg("weights"), pybind11::arg("bufs"))
+      .def("set_state", &GroupPlan::set_state, pybind11::arg("index"), pybind11::arg("weight"), pybind11::arg("buf"))
+      .def("step", &GroupPlan::step, pybind11::arg("lr"), pybind11::arg("momentum"), pybind11::arg("weight_decay"),
+           pybind11::arg("trust_coefficient"), pybind11::arg("eps"), pybind11::arg("nesterov"),
+           pybind11::arg("paper_style"), pybind11::arg("clip"), pybind11::arg("adapt"),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
+}

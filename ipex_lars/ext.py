@@ -1,0 +1,163 @@
+"""Build and load the project's C++ extensions.
+
+Each extension is compiled once with ``torch.utils.cpp_extension`` into a
+directory keyed by the torch version, the CPU's vector ISA and a hash of the
+sources and flags, so a stale or foreign build is never loaded. ``env/setup.sh``
+builds everything up front (``ipex-lars build``); later loads import the built
+library directly and never run the compiler, so ranks of a job cannot race on
+a build.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+CSRC = Path(__file__).parent / "csrc"
+
+
+class ExtensionBuildError(RuntimeError):
+    """An extension could not be built or loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ExtensionSpec:
+    """What to compile for one extension and how."""
+
+    name: str  # module name of the built library; must not shadow a Python module
+    sources: tuple[str, ...]  # file names under ipex_lars/csrc
+    extra_cflags: tuple[str, ...] = ()
+    extra_include_paths: tuple[str, ...] = ()
+    extra_ldflags: tuple[str, ...] = ()
+    needs: tuple[str, ...] = field(default=())  # human-readable prerequisites, for errors
+
+
+def cpu_isa() -> str:
+    """The best vector ISA this CPU offers that ATen's ``at::vec`` can target."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return "default"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
+        return "avx512"
+    if {"avx2", "fma"} <= set(flags):
+        return "avx2"
+    return "default"
+
+
+_ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "default": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+
+
+def _cflags(spec: ExtensionSpec, isa: str) -> list[str]:
+    # -fopenmp: at::parallel_for is header-inline OpenMP and runs serially without it.
+    # The library then needs libgomp.so.1, which resolves to the copy torch already loaded.
+    return ["-O3", "-fopenmp", *_ISA_FLAGS[isa], *spec.extra_cflags]
+
+
+def _ldflags(spec: ExtensionSpec) -> list[str]:
+    return ["-fopenmp", *spec.extra_ldflags]
+
+
+def build_dir(spec: ExtensionSpec) -> Path:
+    """Where this extension's build for this torch, ISA and source lives."""
+    import torch
+
+    isa = cpu_isa()
+    digest = hashlib.sha256()
+    for src in spec.sources:
+        digest.update((CSRC / src).read_bytes())
+    for flag in (*_cflags(spec, isa), *spec.extra_include_paths, *_ldflags(spec)):
+        digest.update(flag.encode())
+    root = Path(os.environ.get("IPEX_LARS_BUILD_DIR") or
+                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ipex-lars" / "ext")
+    return root / f"{spec.name}-torch{torch.__version__}-{isa}-{digest.hexdigest()[:12]}"
+
+
+def _library_path(spec: ExtensionSpec) -> Path:
+    return build_dir(spec) / f"{spec.name}.so"  # the name torch.utils.cpp_extension gives it
+
+
+def _check_toolchain(spec: ExtensionSpec) -> None:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise ExtensionBuildError(
+            f"cannot build {spec.name}: no C++ compiler '{cxx}' on PATH. "
+            "Install one (Debian/Ubuntu: apt-get install g++) or set CXX.")
+    if not cpp_extension.is_ninja_available():
+        raise ExtensionBuildError(
+            f"cannot build {spec.name}: ninja is missing. Install it: pip install ninja "
+            "(env/setup.sh does this).")
+    python_h = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not python_h.exists():
+        raise ExtensionBuildError(
+            f"cannot build {spec.name}: Python headers not found ({python_h}). "
+            "Install them (Debian/Ubuntu: apt-get install python3-dev).")
+    for path in spec.extra_include_paths:
+        if not Path(path).is_dir():
+            raise ExtensionBuildError(
+                f"cannot build {spec.name}: include directory {path} is missing; needs "
+                f"{', '.join(spec.needs) or 'its dependencies'} (env/setup.sh installs them).")
+
+
+def build(spec: ExtensionSpec, verbose: bool = False) -> Path:
+    """Compile the extension if this torch/ISA/source has no build yet; return the library path."""
+    lib = _library_path(spec)
+    if lib.exists():
+        return lib
+    _check_toolchain(spec)
+    from torch.utils import cpp_extension
+
+    out = lib.parent
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(
+            name=spec.name,
+            sources=[str(CSRC / s) for s in spec.sources],
+            extra_cflags=_cflags(spec, cpu_isa()),
+            extra_include_paths=list(spec.extra_include_paths),
+            extra_ldflags=_ldflags(spec),
+            build_directory=str(out),
+            verbose=verbose,
+            is_python_module=True,
+        )
+    except Exception as exc:  # the compiler's own output is in exc
+        raise ExtensionBuildError(
+            f"building {spec.name} in {out} failed:\n{exc}\n"
+            "Fix the error above, or report it with the output of `ipex-lars doctor`.") from exc
+    if not lib.exists():
+        raise ExtensionBuildError(f"building {spec.name} produced no {lib.name} in {out}")
+    return lib
+
+
+@functools.cache
+def load(spec: ExtensionSpec) -> ModuleType:
+    """Import the extension, building it first if needed (normally done by env/setup.sh)."""
+    import torch  # noqa: F401  (the library links against libtorch, which must be loaded first)
+
+    lib = build(spec)
+    module_spec = importlib.util.spec_from_file_location(spec.name, lib)
+    if module_spec is None or module_spec.loader is None:
+        raise ExtensionBuildError(f"{lib} is not a loadable Python extension")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except ImportError as exc:
+        raise ExtensionBuildError(
+            f"{lib} failed to load: {exc}. Remove {lib.parent} and run `ipex-lars build`.") from exc
+    sys.modules[spec.name] = module
+    return module

@@ -1,0 +1,68 @@
+"""The ``ipex-lars`` command as users run it: a real subprocess of the installed script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(sys.executable).parent / "ipex-lars"
+
+
+def _run(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_lists_every_command():
+    out = _run("--help")
+    assert out.returncode == 0
+    for command in ("doctor", "build", "bench"):
+        assert command in out.stdout
+
+
+def test_doctor_json_reports_stack_cpu_topology_and_extensions():
+    out = _run("doctor", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    try:
+        import intel_extension_for_pytorch  # noqa: F401
+        expected_stack = "ipex"
+    except ImportError:
+        expected_stack = "native"
+    assert report["stack"] == expected_stack
+    assert report["versions"]["torch"]
+    assert set(report["cpu"]["isa"]) == {"AVX2", "AVX-512", "AVX512-BF16", "AMX-BF16"}
+    assert report["topology"]["logical_cpus"] >= len(os.sched_getaffinity(0))
+    assert report["extensions"]["_ipex_lars_fused_lars"]["loads"] is True
+    assert report["verdict"].startswith("OK")
+
+
+def test_build_without_a_compiler_fails_with_the_fix(tmp_path):
+    out = _run("build", env={"IPEX_LARS_BUILD_DIR": str(tmp_path), "CXX": "no-such-compiler-xyz"})
+    assert out.returncode == 1
+    assert "no C++ compiler 'no-such-compiler-xyz'" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_bench_optimizer_prints_ratios_as_json(tmp_path):
+    path = tmp_path / "bench.json"
+    out = _run("bench", "optimizer", "--sets", "many-small", "--repeats", "3", "--warmup", "1",
+               "--json", str(path))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(path.read_text())["results"][0]
+    assert result["tensors"] == 2000 and result["elements"] == 2000 * 512
+    assert set(result["median_ms"]) >= {"fused", "foreach", "reference"}
+    assert all(v > 0 for v in result["x_floor"].values())
+    assert "x floor" in out.stdout
+
+
+def test_bench_rejects_an_unknown_parameter_set():
+    out = _run("bench", "optimizer", "--sets", "vgg")
+    assert out.returncode == 2
+    assert "unknown set(s) vgg" in out.stdout

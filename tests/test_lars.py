@@ -1,0 +1,309 @@
+"""LARS: every implementation against the per-parameter reference, and the reference against the paper."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ipex_lars.optim import LARS, WarmupPolyLR, lars_param_groups
+
+IMPLS = ("foreach", "fused")
+
+
+class Net(nn.Module):
+    """Conv, BN, linear, biases, a zero-initialised weight, a frozen weight and a sometimes-unused head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.zero = nn.Linear(6, 6)
+        nn.init.zeros_(self.zero.weight)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+        self.frozen = nn.Linear(5, 5)
+        self.frozen.requires_grad_(False)
+        self.aux = nn.Linear(5, 5)  # used on even steps only: its grad is None on the others
+
+    def forward(self, x: torch.Tensor, use_aux: bool) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        h = h + self.zero(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        out = self.frozen(self.fc(h.flatten(1)))
+        return self.aux(out) if use_aux else out
+
+
+def _data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, 4, 4, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(steps)]
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, data: list, start: int = 0) -> None:
+    for i, (x, y) in enumerate(data, start):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x, use_aux=i % 2 == 0).float(), y).backward()
+        opt.step()
+
+
+def _make(impl: str, grouped: bool, dtype=torch.float32, **kw) -> tuple[nn.Module, LARS]:
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    params = lars_param_groups(model, weight_decay=1e-3) if grouped else \
+        [p for p in model.parameters() if p.requires_grad]
+    extra = {} if grouped else {"weight_decay": 1e-3}
+    return model, LARS(params, lr=kw.pop("lr", 2.0), impl=impl, **extra, **kw)
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()])
+
+
+CASES = list(itertools.product(("paper", "sgd"), (False, True), (False, True), (False, True)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("style,nesterov,clip,grouped", CASES)
+def test_impl_matches_reference_fp32(impl, style, nesterov, clip, grouped):
+    data = _data(20)
+    kw = dict(momentum_style=style, nesterov=nesterov, clip=clip, momentum=0.9)
+    ref_model, ref_opt = _make("reference", grouped, **kw)
+    model, opt = _make(impl, grouped, **kw)
+    assert opt.impl == impl
+    start = _flat(model)
+    _train(ref_model, ref_opt, data)
+    _train(model, opt, data)
+    ref, got = _flat(ref_model), _flat(model)
+    assert not torch.equal(ref, start), "the reference did not move"
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # the frozen layer is untouched and has no state; the zero-initialised weight moved
+    assert torch.equal(model.frozen.weight, ref_model.frozen.weight)
+    assert model.frozen.weight not in opt.state
+    assert model.zero.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("style", ("paper", "sgd"))
+def test_impl_matches_reference_bf16_master(impl, style):
+    data = _data(20)
+    ref_model, ref_opt = _make("reference", True, dtype=torch.bfloat16, momentum_style=style)
+    model, opt = _make(impl, True, dtype=torch.bfloat16, momentum_style=style)
+    data = [(x.bfloat16(), y) for x, y in data]
+    _train(ref_model, ref_opt, data)
+    _train(model, opt, data)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert p.dtype == torch.bfloat16
+        if p.requires_grad and p.grad is not None:
+            master = opt.state[p]["master_param"]
+            assert master.dtype == torch.float32
+            assert torch.equal(master.bfloat16(), p), f"{name}: parameter is not its rounded master"
+            torch.testing.assert_close(master, ref_opt.state[q]["master_param"], rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(p, q, rtol=2e-2, atol=1e-2)
+
+
+def test_reference_matches_hand_computed_algorithm_1():
+    # Two steps of Algorithm 1 (paper style) on w = (3, 4), worked out by hand.
+    eta, wd, lr, m = 0.001, 0.1, 2.0, 0.9
+    w = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64).float())
+    opt = LARS([w], lr=lr, momentum=m, weight_decay=wd, trust_coefficient=eta, impl="reference")
+    # step 1: ||w|| = 5, g = (0.6, 0.8), ||g|| = 1, tau = 0.005 / 1.5 = 1/300,
+    # d = g + 0.1 w = (0.9, 1.2), v = 2/300 * d = (0.006, 0.008), w = (2.994, 3.992)
+    w.grad = torch.tensor([0.6, 0.8])
+    opt.step()
+    assert w.tolist() == pytest.approx([2.994, 3.992], abs=1e-6)
+    assert opt.state[w]["momentum_buffer"].tolist() == pytest.approx([0.006, 0.008], abs=1e-8)
+    # step 2: g = (0, 2), ||g|| = 2
+    w.grad = torch.tensor([0.0, 2.0])
+    wn = math.sqrt(2.994 ** 2 + 3.992 ** 2)  # 4.99
+    tau = eta * wn / (2.0 + wd * wn)
+    d = (0.0 + wd * 2.994, 2.0 + wd * 3.992)
+    v = (m * 0.006 + lr * tau * d[0], m * 0.008 + lr * tau * d[1])
+    opt.step()
+    assert w.tolist() == pytest.approx([2.994 - v[0], 3.992 - v[1]], abs=1e-6)
+
+
+def test_sgd_style_and_clip_follow_their_formulas():
+    # sgd style: v = m v + d; w -= lr tau v. With clip the rate is min(tau, lr).
+    for clip, lr in ((False, 2.0), (True, 2.0), (True, 1e-4)):
+        w = nn.Parameter(torch.tensor([3.0, 4.0]))
+        opt = LARS([w], lr=lr, momentum=0.9, weight_decay=0.1, momentum_style="sgd", clip=clip, impl="reference")
+        w.grad = torch.tensor([0.6, 0.8])
+        opt.step()
+        tau = 1 / 300
+        rate = min(tau, lr) if clip else lr * tau
+        assert w.tolist() == pytest.approx([3.0 - rate * 0.9, 4.0 - rate * 1.2], abs=1e-6)
+
+
+def test_zero_weight_or_zero_grad_gives_trust_ratio_one():
+    for w0, g0 in (([0.0, 0.0], [1.0, 1.0]), ([1.0, 1.0], [0.0, 0.0])):
+        for impl in ("reference", *IMPLS):
+            w = nn.Parameter(torch.tensor(w0))
+            opt = LARS([w], lr=0.5, momentum=0.0, impl=impl)
+            w.grad = torch.tensor(g0)
+            opt.step()
+            assert w.tolist() == pytest.approx([a - 0.5 * b for a, b in zip(w0, g0)]), impl
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_tensors_and_layouts_match_reference(impl):
+    # several blocks per tensor, several cache batches, a channels-last weight, a grad in another layout
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(700_000,), (600_000,), (33_000,), (7,), (64, 32, 3, 3)]
+
+    def params() -> list[nn.Parameter]:
+        ps = [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+        ps[-1].data = ps[-1].data.contiguous(memory_format=torch.channels_last)
+        return ps
+
+    ref_ps, ps = params(), params()
+    ref = LARS(ref_ps, lr=1.0, weight_decay=1e-4, impl="reference")
+    opt = LARS(ps, lr=1.0, weight_decay=1e-4, impl=impl)
+    for step in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, q, g in zip(ref_ps, ps, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        if step == 1:
+            ps[-1].grad = ps[-1].grad.contiguous()  # layout differs from the channels-last weight
+        ref.step()
+        opt.step()
+    for p, q in zip(ref_ps, ps):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert ps[-1].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_is_independent_of_thread_count():
+    # the same gradients stepped with 1 and 2 threads: the norms are summed in a fixed block order
+    shapes = [(100_000,), (40_000,), (300,)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ps = [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+            opt = LARS(ps, lr=1.0, weight_decay=1e-4, impl="fused")
+            gen = torch.Generator().manual_seed(7)
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
+            results.append(torch.cat([p.detach() for p in ps]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("first,second", [("fused", "foreach"), ("foreach", "fused"), ("reference", "fused")])
+def test_state_dict_round_trips_across_impls(first, second):
+    data = _data(20)
+    ref_model, ref_opt = _make("reference", True)
+    _train(ref_model, ref_opt, data)
+
+    model, opt = _make(first, True)
+    _train(model, opt, data[:10])
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert all("momentum_buffer" in s for s in saved_opt["state"].values())
+
+    resumed, opt2 = _make(second, True)
+    resumed.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    _train(resumed, opt2, data[10:], start=10)
+    torch.testing.assert_close(_flat(resumed), _flat(ref_model), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("first,second", [("fused", "fused"), ("fused", "reference"), ("foreach", "fused")])
+def test_bf16_master_survives_a_state_dict_round_trip(first, second):
+    data = [(x.bfloat16(), y) for x, y in _data(4)]
+    model, opt = _make(first, True, dtype=torch.bfloat16)
+    _train(model, opt, data[:3])
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    masters = [s["master_param"] for s in saved_opt["state"].values()]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    resumed, opt2 = _make(second, True, dtype=torch.bfloat16)
+    resumed.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        if q in opt.state:
+            assert torch.equal(opt2.state[p]["master_param"], opt.state[q]["master_param"])
+    _train(model, opt, data[3:], start=3)
+    _train(resumed, opt2, data[3:], start=3)
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        if q in opt.state:  # one step from identical fp32 masters: equal to fp32 rounding
+            torch.testing.assert_close(opt2.state[p]["master_param"], opt.state[q]["master_param"],
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_loading_new_weights_into_a_bf16_model_resyncs_the_master():
+    model, opt = _make("fused", True, dtype=torch.bfloat16)
+    data = [(x.bfloat16(), y) for x, y in _data(3)]
+    _train(model, opt, data[:1])
+    with torch.no_grad():
+        model.fc.weight.fill_(0.25)  # e.g. model.load_state_dict of other weights
+    _train(model, opt, data[1:2], start=1)
+    master = opt.state[model.fc.weight]["master_param"]
+    assert (master - 0.25).abs().max() < 0.05, "the step started from the stale master, not the new weights"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_any_lr_scheduler_drives_every_impl(impl):
+    data = _data(12)
+    results = []
+    for which in ("reference", impl):
+        model, opt = _make(which, True)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.1)
+        for i, (x, y) in enumerate(data):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x, use_aux=False), y).backward()
+            opt.step()
+            sched.step()
+        results.append(_flat(model))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(lr=-0.1), "lr"), (dict(lr=0.1, momentum=1.0), "momentum"), (dict(lr=0.1, momentum=-0.5), "momentum"),
+    (dict(lr=0.1, weight_decay=-1.0), "weight_decay"), (dict(lr=0.1, trust_coefficient=0.0), "trust_coefficient"),
+    (dict(lr=0.1, eps=-1.0), "eps"), (dict(lr=0.1, momentum_style="adam"), "momentum_style"),
+    (dict(lr=0.1, impl="cuda"), "impl"), (dict(lr=0.1, momentum=0.0, nesterov=True), "nesterov"),
+])
+def test_invalid_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        LARS([nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_float16_parameters_are_refused_clearly():
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        LARS([nn.Parameter(torch.ones(2, dtype=torch.float16))], lr=0.1)
+
+
+def test_param_groups_exclude_norm_and_bias_from_adaptation_and_decay():
+    model = Net()
+    groups = lars_param_groups(model, weight_decay=5e-5)
+    adapted, excluded = groups
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert adapted["lars"] and adapted["weight_decay"] == 5e-5
+    assert not excluded["lars"] and excluded["weight_decay"] == 0.0
+    assert ids(adapted["params"]) == ids([model.conv.weight, model.zero.weight, model.fc.weight, model.aux.weight])
+    assert ids(excluded["params"]) == ids([model.bn.weight, model.bn.bias, model.conv.bias, model.zero.bias,
+                                           model.fc.bias, model.aux.bias])
+    only_bn = lars_param_groups(model, weight_decay=5e-5, exclude=("bn",))
+    assert id(model.fc.bias) in ids(only_bn[0]["params"])
+    with pytest.raises(ValueError, match="weight_decay"):
+        lars_param_groups(model, weight_decay=-1)
+
+
+def test_warmup_poly_schedule_values():
+    opt = LARS([nn.Parameter(torch.ones(2))], lr=10.0)
+    sched = WarmupPolyLR(opt, warmup_steps=5, total_steps=15, power=2.0, end_lr=1e-4)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(4.0) and lrs[5] == pytest.approx(10.0)
+    assert lrs[10] == pytest.approx(1e-4 + (10.0 - 1e-4) * 0.25)
+    assert all(lr == pytest.approx(1e-4) for lr in lrs[15:])
+    assert all(a <= b for a, b in zip(lrs[:6], lrs[1:6])) and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+    with pytest.raises(ValueError, match="total_steps"):
+        WarmupPolyLR(opt, warmup_steps=5, total_steps=5)
