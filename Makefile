@@ -6,10 +6,13 @@ STACK ?= ipex
 VENV  := .venv-$(STACK)
 PY    := $(VENV)/bin/python
 
-.PHONY: setup test bench-optim doctor clean
+.PHONY: setup train test bench-optim doctor clean
 
 setup:
 	@bash env/setup.sh $(STACK)
+
+train: setup
+	$(VENV)/bin/ipex-lars train --recipe digits $(TRAIN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

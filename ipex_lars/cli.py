@@ -8,6 +8,7 @@ import sys
 
 # subcommand -> module with add_arguments(parser) and run(args) -> exit code
 COMMANDS = {
+    "train": ("ipex_lars.train.command", "train a model with LARS from a recipe (default: the digits main job)"),
     "doctor": ("ipex_lars.doctor", "report the stack, CPU, topology and whether the C++ extensions load"),
     "build": ("ipex_lars.build", "build the C++ extensions for this torch and CPU (env/setup.sh runs it)"),
 }

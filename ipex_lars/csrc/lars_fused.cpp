@@ -1,13 +1,14 @@
 // Fused multi-tensor LARS step (You, Gitman, Ginsburg, arXiv 1708.03888;
 // You, Zhang, Hsieh, Demmel, Keutzer, "ImageNet Training in Minutes").
 //
-// One call updates every parameter of a param group. Tensors are cut into
-// fixed-size blocks; blocks run in parallel on ATen's thread pool and are
-// vectorised with at::vec. Consecutive tensors are processed in batches that
-// fit in the last-level cache, so the second pass (the update) re-reads w and
-// g from cache, not DRAM, after the first pass (the norms). Norm partials are
-// summed per block in a fixed order, so results do not depend on the thread
-// count. The trust ratio stays on the CPU side of the kernel: no host sync.
+// One call updates every parameter of a param group, on ATen's thread pool,
+// vectorised with at::vec. A tensor that fits in one block is one work item:
+// norms, trust ratio and update while it sits in L1. Larger tensors are cut
+// into fixed-size blocks and processed in batches of consecutive tensors that
+// fit in the last-level cache: a norm pass, then an update pass that re-reads
+// w and g from cache rather than DRAM. Norm partials are summed per block in a
+// fixed order, so results do not depend on the thread count. The trust ratio
+// never leaves the kernel: no host sync per tensor.
 //
 // The update, with d = g + wd*w and rate = lr*tau (or min(tau, lr) with clip):
 //   paper style: v = m*v + rate*d;  w -= nesterov ? m*v + rate*d : v
@@ -40,6 +41,11 @@ struct Slot {
   at::BFloat16* low;          // bf16 parameter refreshed from the master, or nullptr
   int64_t n;
   float a = 0.f, s = 0.f;     // update coefficients, set per step
+};
+
+struct Hyper {
+  double lr, momentum, wd, eta, eps;
+  bool nesterov, paper_style, clip, adapt;
 };
 
 struct Block {
@@ -216,59 +222,75 @@ class GroupPlan {
       s.n = w.numel();
       slots.push_back(s);
     }
-    run(slots, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, paper_style, clip, adapt);
+    run(slots, Hyper{lr, momentum, weight_decay, trust_coefficient, eps, nesterov, paper_style, clip, adapt});
     for (auto& [src, dst] : copy_back) dst.copy_(src);
     return missing;
   }
 
  private:
-  static void run(std::vector<Slot>& slots, double lr, double momentum, double wd, double eta, double eps,
-                  bool nesterov, bool paper_style, bool clip, bool adapt) {
+  // Sets the update coefficients of one tensor from its sums of squares.
+  static void set_rate(Slot& t, double sw, double sg, const Hyper& h) {
+    double rate = h.lr;
+    if (h.adapt) {
+      const double wn = std::sqrt(sw), gn = std::sqrt(sg);
+      const double tau = (wn > 0.0 && gn > 0.0) ? h.eta * wn / (gn + h.wd * wn + h.eps) : 1.0;
+      rate = h.clip ? std::min(tau, h.lr) : h.lr * tau;
+    }
+    t.a = h.paper_style ? static_cast<float>(rate) : 1.f;
+    t.s = h.paper_style ? 1.f : static_cast<float>(rate);
+  }
+
+  static void run(std::vector<Slot>& slots, const Hyper& h) {
+    const float m = static_cast<float>(h.momentum), wd = static_cast<float>(h.wd);
+    // Tensors of one block: norms, rate and update in one work item, while the tensor is in L1.
+    std::vector<int32_t> small, large;
+    for (size_t i = 0; i < slots.size(); ++i)
+      (slots[i].n <= kBlock ? small : large).push_back(static_cast<int32_t>(i));
+    at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        Slot& t = slots[small[i]];
+        double sw = 0.0, sg = 0.0;
+        if (h.adapt) sumsq(t, 0, t.n, sw, sg);
+        set_rate(t, sw, sg, h);
+        update(t, 0, t.n, m, wd, h.nesterov);
+      }
+    });
+    // Larger tensors: a norm pass then an update pass over fixed-size blocks, in batches of
+    // consecutive tensors small enough that the update re-reads them from cache.
     std::vector<Block> blocks;
     std::vector<double> partial;  // 2 per block: sum w^2, sum g^2
     size_t first = 0;
-    while (first < slots.size()) {
-      // A batch: consecutive tensors until about kBatchElems elements (at least one tensor).
+    while (first < large.size()) {
       size_t last = first;
       int64_t elems = 0;
       blocks.clear();
-      while (last < slots.size() && (last == first || elems + slots[last].n <= kBatchElems)) {
-        for (int64_t b = 0; b < slots[last].n; b += kBlock)
-          blocks.push_back({static_cast<int32_t>(last), b, std::min(b + kBlock, slots[last].n)});
-        elems += slots[last].n;
+      while (last < large.size() && (last == first || elems + slots[large[last]].n <= kBatchElems)) {
+        const int64_t n = slots[large[last]].n;
+        for (int64_t b = 0; b < n; b += kBlock) blocks.push_back({large[last], b, std::min(b + kBlock, n)});
+        elems += n;
         ++last;
       }
       const int64_t nb = static_cast<int64_t>(blocks.size());
-      if (adapt) {
-        partial.assign(2 * nb, 0.0);
+      partial.assign(2 * nb, 0.0);
+      if (h.adapt) {
         at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b)
             sumsq(slots[blocks[b].slot], blocks[b].begin, blocks[b].end, partial[2 * b], partial[2 * b + 1]);
         });
       }
-      // Per tensor: trust ratio from the block partials, in block order.
-      int64_t b = 0;
-      for (size_t t = first; t < last; ++t) {
+      // Per tensor: sum its block partials in block order, so the result is independent of threads.
+      for (int64_t b = 0; b < nb;) {
+        const int32_t slot = blocks[b].slot;
         double sw = 0.0, sg = 0.0;
-        for (; b < nb && blocks[b].slot == static_cast<int32_t>(t); ++b) {
-          if (adapt) {
-            sw += partial[2 * b];
-            sg += partial[2 * b + 1];
-          }
+        for (; b < nb && blocks[b].slot == slot; ++b) {
+          sw += partial[2 * b];
+          sg += partial[2 * b + 1];
         }
-        double rate = lr;
-        if (adapt) {
-          const double wn = std::sqrt(sw), gn = std::sqrt(sg);
-          const double tau = (wn > 0.0 && gn > 0.0) ? eta * wn / (gn + wd * wn + eps) : 1.0;
-          rate = clip ? std::min(tau, lr) : lr * tau;
-        }
-        slots[t].a = paper_style ? static_cast<float>(rate) : 1.f;
-        slots[t].s = paper_style ? 1.f : static_cast<float>(rate);
+        set_rate(slots[slot], sw, sg, h);
       }
-      const float m = static_cast<float>(momentum), fwd = static_cast<float>(wd);
       at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t k = b0; k < b1; ++k)
-          update(slots[blocks[k].slot], blocks[k].begin, blocks[k].end, m, fwd, nesterov);
+          update(slots[blocks[k].slot], blocks[k].begin, blocks[k].end, m, wd, h.nesterov);
       });
       first = last;
     }

@@ -1,0 +1,63 @@
+"""Which samples each rank sees at each step, derived from (seed, epoch, step) alone.
+
+Deriving the order instead of keeping iterator state makes resume exact (a
+checkpoint stores only epoch and step) and makes data parallelism equal to
+gradient accumulation: global batch k of an epoch is cut into world x accum
+micro-batches, and rank r takes micro-batches r*accum ... r*accum+accum-1. One
+rank accumulating over W*A micro-batches sees exactly the batches (BN
+statistics included) that W ranks see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TensorData:
+    """An in-memory dataset: images (N, C, H, W) and integer labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The sample order for one rank of a data-parallel job."""
+
+    num_samples: int
+    global_batch: int
+    accum_steps: int = 1
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        parts = self.world_size * self.accum_steps
+        if self.global_batch % parts:
+            raise ValueError(f"global batch {self.global_batch} does not split into {self.world_size} rank(s) x "
+                             f"{self.accum_steps} accumulation step(s); pick a multiple of {parts}")
+        if self.global_batch > self.num_samples:
+            raise ValueError(f"global batch {self.global_batch} is larger than the {self.num_samples} training "
+                             "samples; lower --global-batch")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.global_batch // (self.world_size * self.accum_steps)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def micro_batches(self, epoch: int, step: int) -> list[torch.Tensor]:
+        """Sample indices of this rank's micro-batches for ``step`` of ``epoch``."""
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        batch = order[step * self.global_batch:(step + 1) * self.global_batch]
+        m, first = self.micro_batch, self.rank * self.accum_steps
+        return [batch[(first + j) * m:(first + j + 1) * m] for j in range(self.accum_steps)]

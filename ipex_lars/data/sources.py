@@ -1,0 +1,50 @@
+"""The datasets a recipe can name: ``digits`` (real, embedded) and ``synthetic``.
+
+``digits`` is scikit-learn's copy of the UCI handwritten digits (1,797 8x8 images,
+10 classes), shipped inside the scikit-learn wheel: real data with no download.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ipex_lars.data.loader import TensorData
+
+
+def digits(val_fraction: float = 0.2, seed: int = 0) -> tuple[TensorData, TensorData]:
+    """A stratified train/held-out split of the digits, standardised with the train statistics."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_val, y_train, y_val = train_test_split(x, y, test_size=val_fraction, stratify=y, random_state=seed)
+    mean, std = x_train.mean(), x_train.std()
+
+    def wrap(xs, ys) -> TensorData:
+        images = torch.tensor((xs - mean) / std, dtype=torch.float32).reshape(-1, 1, 8, 8)
+        return TensorData(images, torch.tensor(ys, dtype=torch.long), 10)
+
+    return wrap(x_train, y_train), wrap(x_val, y_val)
+
+
+def synthetic(num_samples: int, image_size: int, channels: int = 3, num_classes: int = 1000,
+              seed: int = 0) -> tuple[TensorData, TensorData]:
+    """Random images and labels of any shape, for smoke tests and throughput runs."""
+    gen = torch.Generator().manual_seed(seed)
+    n_val = max(1, num_samples // 10)
+
+    def make(n: int) -> TensorData:
+        images = torch.randn(n, channels, image_size, image_size, generator=gen)
+        return TensorData(images, torch.randint(0, num_classes, (n,), generator=gen), num_classes)
+
+    return make(num_samples), make(n_val)
+
+
+def build_datasets(name: str, *, seed: int = 0, num_samples: int = 2048, image_size: int = 224,
+                   num_classes: int = 1000) -> tuple[TensorData, TensorData]:
+    """Train and validation data for a recipe's ``data`` field."""
+    if name == "digits":
+        return digits(seed=seed)
+    if name == "synthetic":
+        return synthetic(num_samples, image_size, num_classes=num_classes, seed=seed)
+    raise ValueError(f"unknown dataset {name!r}; choose digits or synthetic")

@@ -1,0 +1,31 @@
+"""Models by name: ``create_model("resnet50" | "alexnet_bn" | "digits_cnn", num_classes, in_channels)``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ipex_lars.models.alexnet_bn import AlexNetBN
+from ipex_lars.models.digits_cnn import DigitsCNN
+
+
+def _resnet50(num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+MODELS = {
+    "resnet50": _resnet50,
+    "alexnet_bn": lambda num_classes, in_channels: AlexNetBN(num_classes, in_channels),
+    "digits_cnn": lambda num_classes, in_channels: DigitsCNN(num_classes, in_channels),
+}
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A freshly initialised model; raises ValueError naming the choices for an unknown name."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](num_classes, in_channels)

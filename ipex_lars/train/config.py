@@ -1,0 +1,93 @@
+"""Training configuration: one dataclass; recipes are YAML files of its fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _opt(default, help: str, choices: tuple | None = None):  # noqa: A002
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. ``ipex-lars train --help`` lists them with these texts."""
+
+    model: str = _opt("digits_cnn", "network", ("digits_cnn", "alexnet_bn", "resnet50"))
+    data: str = _opt("digits", "dataset", ("digits", "synthetic"))
+    image_size: int = _opt(224, "image side for synthetic data")
+    num_samples: int = _opt(2048, "training samples for synthetic data")
+    num_classes: int = _opt(1000, "classes for synthetic data")
+    epochs: int = _opt(40, "training epochs")
+    global_batch: int = _opt(512, "images per optimizer step over all ranks and accumulation steps")
+    accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step on each rank")
+    optimizer: str = _opt("lars", "optimizer", ("lars", "sgd"))
+    lr: float = _opt(2.0, "peak learning rate (after warmup)")
+    momentum: float = _opt(0.9, "momentum")
+    weight_decay: float = _opt(5e-4, "weight decay (not applied to BN and bias)")
+    trust_coefficient: float = _opt(0.001, "LARS trust coefficient eta")
+    momentum_style: str = _opt("paper", "LARS momentum form", ("paper", "sgd"))
+    warmup_epochs: float = _opt(2.0, "linear warmup length in epochs")
+    poly_power: float = _opt(2.0, "power of the polynomial decay after warmup")
+    end_lr: float = _opt(0.0, "learning rate at the end of training")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
+    precision: str = _opt("fp32", "compute precision", ("fp32", "bf16"))
+    channels_last: bool = _opt(False, "use the channels-last memory format")
+    backend: str = _opt("native", "execution backend: eager, or torch.compile", ("native", "compile"))
+    impl: str = _opt("auto", "LARS implementation", ("auto", "fused", "foreach", "reference"))
+    seed: int = _opt(0, "seed of initialisation, data order and dropout")
+    out_dir: str = _opt("runs/digits", "where checkpoints and metrics go")
+    checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end of every epoch")
+    keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
+    resume: str = _opt("", "checkpoint file to resume from, or 'auto' for the newest in out_dir")
+    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = run all epochs)")
+    skip_nonfinite: bool = _opt(True, "skip (and count) steps whose gradients are not finite")
+    threads: int = _opt(0, "intra-op threads (0 = torch's default)")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} = {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        for name in ("epochs", "global_batch", "accum_steps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError("lr, weight_decay and warmup_epochs must be >= 0")
+
+
+def recipe_path(name: str) -> Path:
+    """A packaged recipe by name, or a YAML file path."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ValueError(f"recipe file {path} does not exist")
+        return path
+    packaged = RECIPES / f"{name}.yaml"
+    if not packaged.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise ValueError(f"unknown recipe {name!r}; packaged recipes: {known}; or pass a FILE.yaml")
+    return packaged
+
+
+def load_config(recipe: str, overrides: dict | None = None) -> TrainConfig:
+    """The recipe's settings with ``overrides`` (e.g. from the command line) on top."""
+    path = recipe_path(recipe)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {path} must be a mapping of settings")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"recipe {path} has unknown setting(s) {', '.join(unknown)}")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return TrainConfig(**values)

@@ -1,0 +1,263 @@
+"""The training loop: data, model, LARS, schedule, checkpoints. Read it top to bottom.
+
+One optimizer step = ``accum_steps`` micro-batches on each of ``world_size`` ranks,
+``global_batch`` images in all. The sample order comes from ``BatchPlan`` (seed,
+epoch, step), so resuming from a checkpoint continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ipex_lars.data import BatchPlan, TensorData, build_datasets
+from ipex_lars.models import create_model
+from ipex_lars.optim import LARS, WarmupPolyLR, lars_param_groups
+from ipex_lars.train import checkpoint
+from ipex_lars.train.config import TrainConfig
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM arrived; a checkpoint of the last completed step was saved."""
+
+
+class _StopRequest:
+    """The first Ctrl-C or SIGTERM asks to stop after the current step; a second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __enter__(self) -> "_StopRequest":
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print("\n[ipex-lars] stopping after this step to save a checkpoint (Ctrl-C again to abort)", flush=True)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """LARS (or SGD, the large-batch baseline) with BN and bias excluded from decay."""
+    groups = lars_param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD([{k: v for k, v in g.items() if k != "lars"} for g in groups],
+                               lr=cfg.lr, momentum=cfg.momentum)
+    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient,
+                momentum_style=cfg.momentum_style, impl=cfg.impl)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, cfg: TrainConfig, batch: int = 1024) -> dict:
+    """Top-1 and top-5 accuracy (percent) and mean loss on ``data``."""
+    model.eval()
+    correct1 = correct5 = 0
+    loss = 0.0
+    for i in range(0, len(data), batch):
+        x, y = _to_input(data.images[i:i + batch], cfg), data.labels[i:i + batch]
+        with _autocast(cfg):
+            logits = model(x).float()
+        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+    model.train()
+    n = len(data)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss / n}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) the training ``cfg`` describes; return the final metrics."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world = _init_distributed()
+    train_data, val_data = build_datasets(cfg.data, seed=cfg.seed, num_samples=cfg.num_samples,
+                                          image_size=cfg.image_size, num_classes=cfg.num_classes)
+    plan = BatchPlan(len(train_data), cfg.global_batch, cfg.accum_steps, rank, world, cfg.seed)
+    steps_per_epoch = plan.steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = create_model(cfg.model, train_data.num_classes, in_channels=train_data.images.shape[1])
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    schedule_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), schedule_steps - 1)
+    scheduler = WarmupPolyLR(optimizer, warmup_steps=warmup_steps, total_steps=schedule_steps,
+                             power=cfg.poly_power, end_lr=cfg.end_lr)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    step = 0
+    resume_from = _resume_path(cfg, out)
+    if resume_from is not None:
+        step = _restore(checkpoint.load(resume_from), cfg, model, optimizer, scheduler)
+        _log(rank, f"resumed from {resume_from} at step {step}")
+
+    core = model  # what checkpoints save; wrappers below only change how it runs
+    if cfg.backend == "compile":
+        model = torch.compile(model)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+
+    metrics_file = open(out / f"metrics-rank{rank}.jsonl", "a") if rank == 0 else None
+    timings = dict.fromkeys(PHASES, 0.0)
+    skipped = 0
+    progress = _progress(rank, total_steps, step)
+    result: dict = {}
+    try:
+        with _StopRequest() as stop:
+            while step < total_steps:
+                epoch, in_epoch = divmod(step, steps_per_epoch)
+                loss_sum, finite = _train_step(model, optimizer, criterion, train_data, plan, epoch, in_epoch,
+                                               cfg, timings)
+                skipped += not finite
+                scheduler.step()  # the schedule follows iterations, taken or skipped
+                step += 1
+                record = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
+                          "skipped_steps": skipped}
+                end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+                if end_of_epoch:
+                    record.update({f"val_{k}": v for k, v in evaluate(core, val_data, cfg).items()})
+                    record["phase_seconds"] = {k: round(v, 4) for k, v in timings.items()}
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if progress:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{record['lr']:.3g}",
+                                         **({"val_top1": f"{record['val_top1']:.1f}"} if end_of_epoch else {}))
+                if rank == 0 and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                                  or (not cfg.checkpoint_every and end_of_epoch)):
+                    checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler), cfg.keep_checkpoints)
+                result = record
+                if stop.signum is not None:
+                    if rank == 0:
+                        path = checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler),
+                                               cfg.keep_checkpoints)
+                        _log(rank, f"stopped at step {step}: saved {path}; continue with --resume auto")
+                    raise Interrupted(f"signal {stop.signum}")
+    finally:
+        if progress:
+            progress.close()
+        if metrics_file:
+            metrics_file.close()
+    if rank == 0 and not (out / f"ckpt-{step:08d}.pt").exists():
+        checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler), cfg.keep_checkpoints)
+    result.setdefault("val_top1", evaluate(core, val_data, cfg)["top1"])
+    result.update({"skipped_steps": skipped, "steps": step, "phase_seconds": timings,
+                   "optimizer_impl": getattr(optimizer, "impl", "torch.optim.SGD")})
+    return result
+
+
+def _train_step(model, optimizer, criterion, data: TensorData, plan: BatchPlan, epoch: int, in_epoch: int,
+                cfg: TrainConfig, timings: dict) -> tuple[float, bool]:
+    """One optimizer step over this rank's micro-batches; returns (mean loss, gradients finite)."""
+    micro = plan.micro_batches(epoch, in_epoch)
+    loss_sum = 0.0
+    for j, idx in enumerate(micro):
+        t0 = time.perf_counter()
+        x, y = _to_input(data.images[idx], cfg), data.labels[idx]
+        t1 = time.perf_counter()
+        sync = j == len(micro) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+        with (nullcontext() if sync else model.no_sync()):
+            with _autocast(cfg):
+                loss = criterion(model(x).float(), y) / len(micro)
+            t2 = time.perf_counter()
+            loss.backward()
+        t3 = time.perf_counter()
+        loss_sum += loss.item()
+        timings["data"] += t1 - t0
+        timings["forward"] += t2 - t1
+        timings["backward"] += t3 - t2
+    t0 = time.perf_counter()
+    finite = not cfg.skip_nonfinite or _grads_finite(optimizer)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    timings["optimizer"] += time.perf_counter() - t0
+    return loss_sum, finite
+
+
+def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())) if grads else True
+
+
+def _to_input(images: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if cfg.channels_last else images
+
+
+def _autocast(cfg: TrainConfig):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+
+
+def _state(cfg: TrainConfig, step: int, model: nn.Module, optimizer, scheduler) -> dict:
+    return {"step": step, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+
+
+def _restore(state: dict, cfg: TrainConfig, model, optimizer, scheduler) -> int:
+    saved = state["config"]
+    for key in ("global_batch", "seed", "data", "model"):
+        if saved[key] != getattr(cfg, key):
+            raise ValueError(f"cannot resume: the checkpoint was made with {key}={saved[key]!r}, this run has "
+                             f"{getattr(cfg, key)!r}; use the same setting or a new --out-dir")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    return state["step"]
+
+
+def _resume_path(cfg: TrainConfig, out: Path) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        found = checkpoint.all_checkpoints(out)
+        return found[-1] if found else None
+    return Path(cfg.resume)
+
+
+def _init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _progress(rank: int, total: int, done: int):
+    if rank != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
+
+
+def _log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"[ipex-lars] {message}", flush=True)

@@ -1,0 +1,144 @@
+"""Training runs as users start them: short, real, on the embedded digits and on synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipex_lars.train import checkpoint
+from ipex_lars.train.config import TrainConfig, load_config
+from ipex_lars.train.engine import train
+
+SCRIPT = Path(sys.executable).parent / "ipex-lars"
+
+
+def _cfg(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(recipe="digits")
+    base.update(kw)
+    recipe = base.pop("recipe")
+    return load_config(recipe, {"out_dir": str(tmp_path), "threads": 1, **base})
+
+
+def _weights(path: Path) -> dict:
+    return checkpoint.load(path)["model"]
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    straight = _cfg(tmp_path / "a", epochs=4, checkpoint_every=1)
+    train(straight)
+    half = _cfg(tmp_path / "b", epochs=4, max_steps=4, checkpoint_every=1)
+    train(half)
+    resumed = _cfg(tmp_path / "b", epochs=4, resume="auto", checkpoint_every=1)
+    result = train(resumed)
+    assert result["steps"] == 8
+    a, b = _weights(tmp_path / "a" / "ckpt-00000008.pt"), _weights(tmp_path / "b" / "ckpt-00000008.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert len(checkpoint.all_checkpoints(tmp_path / "b")) == straight.keep_checkpoints
+
+
+@pytest.mark.parametrize("model,size", [("resnet50", 32), ("alexnet_bn", 64), ("digits_cnn", 8)])
+def test_each_model_trains_a_few_steps_on_synthetic_data(tmp_path, model, size):
+    cfg = _cfg(tmp_path, model=model, data="synthetic", image_size=size, num_samples=8, num_classes=5,
+               global_batch=4, epochs=1, precision="bf16", channels_last=True, lr=0.5)
+    result = train(cfg)
+    assert result["steps"] == 2 and result["skipped_steps"] == 0
+    state = _weights(checkpoint.all_checkpoints(tmp_path)[-1])
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_non_finite_gradients_skip_the_step_and_are_counted(tmp_path):
+    cfg = _cfg(tmp_path, epochs=1, lr=1e30, optimizer="sgd", warmup_epochs=0)
+    result = train(cfg)
+    assert result["skipped_steps"] >= 1
+
+
+def test_packaged_recipes_load():
+    for name in ("digits", "resnet50-32k", "alexnet-bn-32k", "resnet50-mlperf"):
+        cfg = load_config(name)
+        assert cfg.optimizer == "lars"
+    mlperf = load_config("resnet50-mlperf")
+    assert (mlperf.global_batch, mlperf.lr, mlperf.label_smoothing, mlperf.end_lr) == (3264, 10.5, 0.1, 1e-4)
+
+
+def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPT), "train", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--recipe", "nosuch"], "unknown recipe 'nosuch'"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--global-batch", "5000"], "larger than the 1437 training samples"),
+    (["--global-batch", "100", "--accum-steps", "3"], "does not split into 1 rank(s) x 3"),
+])
+def test_bad_configuration_is_a_clear_error(tmp_path, args, message):
+    out = _cli(*args, "--out-dir", str(tmp_path))
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_recipe_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    out = _cli("--recipe", str(bad), "--out-dir", str(tmp_path))
+    assert out.returncode == 2 and "unknown setting(s) learning_rate" in out.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    proc = subprocess.Popen([str(SCRIPT), "train", "--out-dir", str(tmp_path), "--epochs", "200",
+                             "--checkpoint-every", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "metrics-rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    saved = checkpoint.all_checkpoints(tmp_path)
+    assert len(saved) == 1
+    step = checkpoint.load(saved[0])["step"]
+    assert step >= 5 and step == len(metrics.read_text().splitlines())
+    assert "continue with --resume auto" in out + err
+    done = _cli("--out-dir", str(tmp_path), "--epochs", "200", "--resume", "auto", "--max-steps", str(step + 2))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == step + 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+    common = ["--epochs", "1", "--max-steps", "3", "--global-batch", "128", "--checkpoint-every", "3"]
+    one = _cli(*common, "--accum-steps", "2", "--out-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    port = str(_free_port())
+    procs = [subprocess.Popen([str(SCRIPT), "train", *common, "--out-dir", str(tmp_path / "two")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2",
+                                   "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    a, b = _weights(tmp_path / "one" / "ckpt-00000003.pt"), _weights(tmp_path / "two" / "ckpt-00000003.pt")
+    for key in a:
+        if a[key].is_floating_point() and "running" not in key:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
