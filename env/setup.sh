@@ -26,7 +26,8 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
 fi
 
 stamp="$venv/.ipex-lars-stamp"
-want="$(cat "$lock" "$root/pyproject.toml" | sha256sum | cut -c1-16)"
+# The editable install maps top-level packages when it runs, so a new package means reinstalling.
+want="$( { cat "$lock" "$root/pyproject.toml"; cd "$root" && ls -d */__init__.py; } | sha256sum | cut -c1-16)"
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   echo "[setup] $stack stack up to date in $venv"
@@ -35,9 +36,7 @@ else
   [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade "pip>=24"
   "$venv/bin/python" -m pip install --quiet -r "$lock"
-  # compat mode: the checkout itself goes on sys.path, so packages added later import too
-  "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root" \
-    --config-settings editable_mode=compat
+  PYTHONWARNINGS=ignore "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root"
   echo "$want" > "$stamp"
 fi
 

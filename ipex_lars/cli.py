@@ -18,22 +18,22 @@ BENCHMARKS = {
 }
 
 
+def _register(subparsers, table: dict[str, tuple[str, str]]) -> None:
+    for name, (module, help_text) in table.items():
+        p = subparsers.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipex-lars",
         description="Large-batch training with LARS on Xeon CPUs. Run `ipex-lars COMMAND --help` for details.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+    _register(sub, COMMANDS)
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side in one run",
                            description="Benchmarks. Each prints a table and JSON; see docs/BENCHMARKS.md.")
-    bench_sub = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    for name, (module, help_text) in BENCHMARKS.items():
-        p = bench_sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+    _register(bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True), BENCHMARKS)
     return parser
 
 

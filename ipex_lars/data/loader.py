@@ -10,6 +10,7 @@ statistics included) that W ranks see.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +56,13 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.global_batch
 
+    @functools.lru_cache(maxsize=2)
+    def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's sample order, the same on every rank."""
+        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
     def micro_batches(self, epoch: int, step: int) -> list[torch.Tensor]:
         """Sample indices of this rank's micro-batches for ``step`` of ``epoch``."""
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        batch = order[step * self.global_batch:(step + 1) * self.global_batch]
+        batch = self.order(epoch)[step * self.global_batch:(step + 1) * self.global_batch]
         m, first = self.micro_batch, self.rank * self.accum_steps
         return [batch[(first + j) * m:(first + j + 1) * m] for j in range(self.accum_steps)]
