@@ -167,63 +167,33 @@ class GroupPlan {
   // indices of parameters that have a gradient but no state yet.
   std::vector<int64_t> step(double lr, double momentum, double weight_decay, double trust_coefficient,
                             double eps, bool nesterov, bool paper_style, bool clip, bool adapt) {
-    std::vector<int64_t> missing;
-    std::vector<Slot> slots;
-    std::vector<at::Tensor> keep;          // temporaries that must outlive the kernel
-    std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (relaid-out buffer, original)
-    slots.reserve(params_.size());
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& p = params_[i];
-      const at::Tensor& grad = p.grad();
-      if (!grad.defined() || p.numel() == 0) continue;
-      const at::Tensor& w = weights_[i];
-      at::Tensor v = bufs_[i];
-      if (v.numel() != p.numel() || w.numel() != p.numel()) {
-        missing.push_back(static_cast<int64_t>(i));
-        continue;
-      }
-      TORCH_CHECK(!grad.is_sparse(), "LARS does not support sparse gradients");
-      TORCH_CHECK(p.device().is_cpu() && grad.device().is_cpu(),
-                  "LARS fused runs on CPU tensors; use impl='foreach' for other devices");
-      TORCH_CHECK(w.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-                  "LARS fused: weights and momentum must be float32 (bf16 parameters keep an fp32 master)");
-      TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16,
-                  "LARS fused: gradients must be float32 or bfloat16, got ", grad.scalar_type());
-      const bool has_master = !w.is_same(p);
-      TORCH_CHECK(!has_master || p.scalar_type() == at::kBFloat16,
-                  "LARS fused: a parameter with an fp32 master copy must be bfloat16");
-      TORCH_CHECK(w.is_non_overlapping_and_dense(), "LARS fused: parameters must be dense tensors");
-      at::Tensor g = grad;
-      if (!same_layout(g, w)) {
-        g = at::empty_like(w, g.scalar_type());
-        g.copy_(grad);
-        keep.push_back(g);
-      }
-      if (!same_layout(v, w)) {
-        at::Tensor relaid = at::empty_like(w);
-        relaid.copy_(v);
-        copy_back.emplace_back(relaid, v);
-        v = relaid;
-      }
-      at::Tensor low;
-      if (has_master) {
-        low = p;
-        if (!same_layout(p, w)) {
-          low = at::empty_like(w, p.scalar_type());
-          copy_back.emplace_back(low, p);
+    const Hyper h{lr, momentum, weight_decay, trust_coefficient, eps, nesterov, paper_style, clip, adapt};
+    const int64_t n = static_cast<int64_t>(params_.size());
+    std::vector<Slot> slots(n);
+    std::vector<Status> status(n, kSkip);
+    Temps temps(n);
+    // One pass: each thread checks its share of the parameters and updates the small ones at once,
+    // so a tensor's metadata and data are touched by one core, close together in time.
+    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        status[i] = prepare(i, slots[i], temps);
+        if (status[i] == kReady && slots[i].n <= kBlock) {
+          step_small(slots[i], h);
+          status[i] = kDone;
         }
       }
-      Slot s;
-      s.w = w.data_ptr<float>();
-      s.g = g.data_ptr();
-      s.g_bf16 = g.scalar_type() == at::kBFloat16;
-      s.v = v.data_ptr<float>();
-      s.low = has_master ? low.data_ptr<at::BFloat16>() : nullptr;
-      s.n = w.numel();
-      slots.push_back(s);
+    });
+    std::vector<int32_t> large;
+    std::vector<int64_t> missing;
+    for (int64_t i = 0; i < n; ++i) {
+      if (status[i] == kReady) large.push_back(static_cast<int32_t>(i));
+      if (status[i] == kMissing) missing.push_back(i);
     }
-    run(slots, Hyper{lr, momentum, weight_decay, trust_coefficient, eps, nesterov, paper_style, clip, adapt});
-    for (auto& [src, dst] : copy_back) dst.copy_(src);
+    step_large(slots, large, h);
+    for (int64_t i = 0; i < n; ++i) {
+      if (temps.v[i].defined()) bufs_[i].copy_(temps.v[i]);
+      if (temps.low[i].defined()) params_[i].copy_(temps.low[i]);
+    }
     return missing;
   }
 
@@ -240,21 +210,73 @@ class GroupPlan {
     t.s = h.paper_style ? 1.f : static_cast<float>(rate);
   }
 
-  static void run(std::vector<Slot>& slots, const Hyper& h) {
-    const float m = static_cast<float>(h.momentum), wd = static_cast<float>(h.wd);
-    // Tensors of one block: norms, rate and update in one work item, while the tensor is in L1.
-    std::vector<int32_t> small, large;
-    for (size_t i = 0; i < slots.size(); ++i)
-      (slots[i].n <= kBlock ? small : large).push_back(static_cast<int32_t>(i));
-    at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        Slot& t = slots[small[i]];
-        double sw = 0.0, sg = 0.0;
-        if (h.adapt) sumsq(t, 0, t.n, sw, sg);
-        set_rate(t, sw, sg, h);
-        update(t, 0, t.n, m, wd, h.nesterov);
+  enum Status : uint8_t { kSkip, kMissing, kReady, kDone };
+
+  // Tensors made for a parameter whose gradient, momentum or bf16 copy has another layout than
+  // its weights; v and low are copied back after the step.
+  struct Temps {
+    explicit Temps(int64_t n) : g(n), v(n), low(n) {}
+    std::vector<at::Tensor> g, v, low;
+  };
+
+  // Checks parameter i and fills its slot; says whether it is to be stepped.
+  Status prepare(int64_t i, Slot& s, Temps& temps) const {
+    const at::Tensor& p = params_[i];
+    const at::Tensor& grad = p.grad();
+    if (!grad.defined() || p.numel() == 0) return kSkip;
+    const at::Tensor& w = weights_[i];
+    const at::Tensor& v = bufs_[i];
+    if (v.numel() != p.numel() || w.numel() != p.numel()) return kMissing;
+    TORCH_CHECK(!grad.is_sparse(), "LARS does not support sparse gradients");
+    TORCH_CHECK(p.device().is_cpu() && grad.device().is_cpu(),
+                "LARS fused runs on CPU tensors; use impl='foreach' for other devices");
+    TORCH_CHECK(w.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+                "LARS fused: weights and momentum must be float32 (bf16 parameters keep an fp32 master)");
+    TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16,
+                "LARS fused: gradients must be float32 or bfloat16, got ", grad.scalar_type());
+    const bool has_master = !w.is_same(p);
+    TORCH_CHECK(!has_master || p.scalar_type() == at::kBFloat16,
+                "LARS fused: a parameter with an fp32 master copy must be bfloat16");
+    TORCH_CHECK(w.is_non_overlapping_and_dense(), "LARS fused: parameters must be dense tensors");
+    const at::Tensor* g = &grad;
+    if (!same_layout(grad, w)) {
+      temps.g[i] = at::empty_like(w, grad.scalar_type());
+      temps.g[i].copy_(grad);
+      g = &temps.g[i];
+    }
+    const at::Tensor* vv = &v;
+    if (!same_layout(v, w)) {
+      temps.v[i] = at::empty_like(w);
+      temps.v[i].copy_(v);
+      vv = &temps.v[i];
+    }
+    s.low = nullptr;
+    if (has_master) {
+      if (same_layout(p, w)) {
+        s.low = p.data_ptr<at::BFloat16>();
+      } else {
+        temps.low[i] = at::empty_like(w, p.scalar_type());
+        s.low = temps.low[i].data_ptr<at::BFloat16>();
       }
-    });
+    }
+    s.w = w.data_ptr<float>();
+    s.g = g->data_ptr();
+    s.g_bf16 = g->scalar_type() == at::kBFloat16;
+    s.v = vv->data_ptr<float>();
+    s.n = w.numel();
+    return kReady;
+  }
+
+  // A tensor of one block: norms, rate and update while it sits in L1.
+  static void step_small(Slot& t, const Hyper& h) {
+    double sw = 0.0, sg = 0.0;
+    if (h.adapt) sumsq(t, 0, t.n, sw, sg);
+    set_rate(t, sw, sg, h);
+    update(t, 0, t.n, static_cast<float>(h.momentum), static_cast<float>(h.wd), h.nesterov);
+  }
+
+  static void step_large(std::vector<Slot>& slots, const std::vector<int32_t>& large, const Hyper& h) {
+    const float m = static_cast<float>(h.momentum), wd = static_cast<float>(h.wd);
     // Larger tensors: a norm pass then an update pass over fixed-size blocks, in batches of
     // consecutive tensors small enough that the update re-reads them from cache.
     std::vector<Block> blocks;
