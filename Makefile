@@ -6,7 +6,7 @@ STACK ?= ipex
 VENV  := .venv-$(STACK)
 PY    := $(VENV)/bin/python
 
-.PHONY: setup train test bench-optim doctor clean
+.PHONY: setup train test bench-optim bench-launch doctor clean
 
 setup:
 	@bash env/setup.sh $(STACK)
@@ -19,6 +19,9 @@ test: setup
 
 bench-optim: setup
 	$(VENV)/bin/ipex-lars bench optimizer
+
+bench-launch: setup
+	$(VENV)/bin/ipex-lars bench launch
 
 doctor: setup
 	$(VENV)/bin/ipex-lars doctor

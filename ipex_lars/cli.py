@@ -15,6 +15,7 @@ COMMANDS = {
 # `ipex-lars bench NAME`
 BENCHMARKS = {
     "optimizer": ("ipex_lars.bench.optimizer", "LARS step time: fused vs foreach vs reference (vs IPEX) vs the memory floor"),
+    "launch": ("ipex_lars.bench.launch", "2 instances pinned by lars-run vs unpinned, with/without thread caps"),
 }
 
 

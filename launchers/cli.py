@@ -1,0 +1,242 @@
+"""``lars-run``: NUMA-aware launcher for multi-instance and multi-node CPU jobs.
+
+Parses the ipexrun-compatible flags, plans cores per rank with :mod:`affinity`, then
+hands the plan to one launcher (local processes, Intel MPI, Slurm, or torchrun-style env).
+Bad input exits with code 2 and a one-line ``lars-run: error: ...``, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from affinity.cpuset import CpuListError, allowed_cpus, format_cpulist, parse_cpulist
+from affinity.env import EnvError, resolve
+from affinity.plan import NodePlan, PlanError, PlanRequest, make_plan
+from affinity.topology import Topology, TopologyError, discover, load_topology
+from launchers import local, mpi, slurm, torchrun_env
+from launchers.hostfile import HostfileError, read_hostfile
+from launchers.job import Job, LaunchError
+
+LAUNCHERS = ("local", "mpi", "slurm", "torchrun-env")
+USAGE_ERRORS = (PlanError, TopologyError, HostfileError, EnvError, LaunchError, CpuListError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors on one line (exit code 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lars-run", description=(
+        "Run PROGRAM as pinned instances (one per NUMA node by default) on this machine, or as "
+        "ranks on several nodes via Intel MPI, Slurm or torchrun-style env. Each rank gets its own "
+        "physical cores, memory on its NUMA node, OMP_NUM_THREADS and affinity variables, and "
+        "(multi-rank) oneCCL worker cores. Use --dry-run --json to see the plan without running."),
+        epilog="examples:\n  lars-run --ninstances 2 bench.py\n"
+               "  lars-run --nnodes 2 --nprocs-per-node 2 --hostfile hosts -m ipex_lars.train\n"
+               "  lars-run --dry-run --json --topology xeon.lscpu --nprocs-per-node 2 train.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("instances and cores")
+    g.add_argument("--ninstances", type=int, help="processes on this machine (default: one per NUMA node)")
+    g.add_argument("--ncores-per-instance", type=int,
+                   help="OpenMP cores per instance (default: the largest even split that keeps each "
+                        "instance inside one NUMA node); oneCCL worker cores come on top")
+    g.add_argument("--nodes-list", help="NUMA nodes to use, e.g. 0,1 or 0-3 (default: all allowed)")
+    g.add_argument("--use-logical-cores", action="store_true",
+                   help="also run OpenMP threads on hyper-thread siblings (default: physical cores only)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--throughput-mode", action="store_true",
+                      help="one instance per NUMA node using all its cores (the default layout)")
+    mode.add_argument("--latency-mode", action="store_true",
+                      help="4 cores per instance, as many instances as fit; KMP_BLOCKTIME=0")
+    g.add_argument("--topology", metavar="FILE",
+                   help="plan for the machine described by FILE (`lscpu -p=CPU,CORE,SOCKET,NODE` output) "
+                        "instead of this one; needs --dry-run")
+    g.add_argument("--allowed-cpus", metavar="LIST",
+                   help="restrict to these CPUs, e.g. 0-15 (default: this process's scheduler mask and "
+                        "cgroup cpuset; with --topology: every CPU in FILE)")
+    r = p.add_argument_group("runtime libraries and pinning")
+    r.add_argument("--memory-allocator", choices=("auto", "default", "tcmalloc", "jemalloc"), default="auto",
+                   help="LD_PRELOAD this allocator, found under versioned names too (auto: tcmalloc, "
+                        "then jemalloc, else the default malloc)")
+    r.add_argument("--omp-runtime", choices=("auto", "default", "intel"), default="auto",
+                   help="intel: LD_PRELOAD libiomp5 and set KMP_AFFINITY/KMP_BLOCKTIME; default: GNU "
+                        "OpenMP with GOMP_CPU_AFFINITY (auto: intel when libiomp5 is installed)")
+    r.add_argument("--multi-task-manager", choices=local.BINDERS, default="auto",
+                   help="how local processes are pinned: numactl (cores + memory), taskset, sched "
+                        "(os.sched_setaffinity before exec), none (OpenMP affinity variables only); "
+                        "auto uses the first of numactl, taskset, sched that works here")
+    d = p.add_argument_group("multi-rank / multi-node")
+    d.add_argument("--launcher", choices=LAUNCHERS,
+                   help="local: independent instances; mpi: mpiexec.hydra (impi-rt); slurm: srun; "
+                        "torchrun-env: spawn this node's ranks with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* "
+                        "(default: mpi if --nnodes/--nprocs-per-node/--hostfile is given, else local)")
+    d.add_argument("--nnodes", type=int, help="number of nodes (default: hosts in --hostfile, else 1)")
+    d.add_argument("--nprocs-per-node", type=int, help="ranks per node (default: one per NUMA node)")
+    d.add_argument("--node-rank", type=int, default=0,
+                   help="torchrun-env: index of this machine in the hostfile (default 0)")
+    d.add_argument("--hostfile", help="one hostname or IP per line; first host is the default master")
+    d.add_argument("--master-addr", help="rendezvous address (default: first host, or 127.0.0.1)")
+    d.add_argument("--master-port", type=int, default=29500, help="rendezvous port (default 29500)")
+    d.add_argument("--ccl-worker-count", type=int,
+                   help="oneCCL worker threads per rank, each pinned to a core of its own when one is "
+                        "spare (default: 1 for multi-rank launches, 0 for independent instances)")
+    d.add_argument("--logical-cores-for-ccl", action="store_true",
+                   help="put oneCCL workers on hyper-thread siblings of the rank's cores instead of "
+                        "taking physical cores from OpenMP")
+    d.add_argument("--mpiexec", metavar="PATH",
+                   help="mpiexec.hydra to use (default: next to this Python, else on PATH)")
+    o = p.add_argument_group("output")
+    o.add_argument("--log-dir", help="write each process's stdout+stderr to LOG_DIR/rank_<N>.log")
+    o.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    o.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("-m", "--module", action="store_true",
+                   help="PROGRAM is a Python module, run as `python -m PROGRAM`")
+    p.add_argument("program", nargs="?", metavar="PROGRAM",
+                   help="script (.py runs with this Python) or executable to launch")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for PROGRAM")
+    return p
+
+
+def program_argv(args: argparse.Namespace, spawned_here: bool) -> list[str]:
+    """The command every rank runs, before any pinning prefix. ``spawned_here``: lars-run starts
+    it on this machine, so a missing script or executable is reported before anything starts."""
+    if args.program is None:
+        if not args.dry_run:
+            raise LaunchError("no PROGRAM given; append the script or `-m MODULE` to run")
+        return ["PROGRAM"]
+    if args.module:
+        return [sys.executable, "-u", "-m", args.program, *args.args]
+    if args.program.endswith(".py"):
+        if spawned_here and not os.path.isfile(args.program):
+            raise LaunchError(f"script {args.program} not found; check the path")
+        return [sys.executable, "-u", args.program, *args.args]
+    if spawned_here and shutil.which(args.program) is None:
+        raise LaunchError(f"program {args.program} not found or not executable; check the path or PATH")
+    return [args.program, *args.args]
+
+
+def _hosts(args: argparse.Namespace, launcher: str) -> list[str]:
+    hosts = read_hostfile(args.hostfile) if args.hostfile else None
+    nnodes = args.nnodes if args.nnodes is not None else (len(hosts) if hosts else 1)
+    if nnodes < 1:
+        raise LaunchError("--nnodes must be >= 1")
+    if hosts is None:
+        if nnodes == 1:
+            return ["localhost"]
+        if launcher == "slurm":
+            return [f"slurm-node-{i}" for i in range(nnodes)]
+        raise LaunchError(f"--nnodes {nnodes} needs --hostfile (one hostname or IP per line)")
+    if len(hosts) < nnodes:
+        raise LaunchError(f"--nnodes {nnodes} but hostfile {args.hostfile} lists only {len(hosts)} "
+                          "host(s); add hosts or lower --nnodes")
+    return hosts[:nnodes]
+
+
+def _machine(args: argparse.Namespace) -> tuple[Topology, set[int]]:
+    """The topology to plan for and the CPUs the plan may use."""
+    if args.topology and not args.dry_run:
+        raise LaunchError(f"--topology {args.topology} describes another machine; add --dry-run to see its plan")
+    extra = parse_cpulist(args.allowed_cpus) if args.allowed_cpus else None
+    if args.topology:
+        topo = load_topology(args.topology)
+        return topo, extra if extra is not None else topo.cpu_ids
+    allowed = allowed_cpus()
+    if extra is not None and not extra <= allowed:
+        raise LaunchError(f"--allowed-cpus {args.allowed_cpus} includes CPUs this process may not use "
+                          f"(allowed here: {format_cpulist(allowed)})")
+    return discover(), extra if extra is not None else allowed
+
+
+def _binder(args: argparse.Namespace, plan: NodePlan) -> str:
+    """Pinning tool for processes lars-run spawns itself: probed here, assumed for --topology."""
+    if args.topology:
+        binder = "numactl" if args.multi_task_manager == "auto" else args.multi_task_manager
+        plan.notes.append(f"pinning tool not probed (planning for {args.topology}): {binder} assumed")
+        return binder
+    first = plan.ranks[0]
+    binder, why = local.detect_binder(args.multi_task_manager, first.cores[0], first.numa_node)
+    plan.notes += why
+    return binder
+
+
+def make_job(args: argparse.Namespace) -> Job:
+    """Turn parsed flags into a :class:`Job` (raises one of USAGE_ERRORS on bad input)."""
+    distributed = any(x is not None for x in (args.nnodes, args.nprocs_per_node, args.hostfile))
+    launcher = args.launcher or ("mpi" if distributed else "local")
+    if launcher != "local" and args.ninstances is not None and args.nprocs_per_node is not None \
+            and args.ninstances != args.nprocs_per_node:
+        raise LaunchError("--ninstances and --nprocs-per-node disagree; give only --nprocs-per-node")
+    if launcher == "local" and distributed and (args.nnodes or 1) > 1:
+        raise LaunchError("--launcher local runs on this machine only; use --launcher mpi, slurm or "
+                          "torchrun-env for --nnodes > 1")
+    if args.node_rank != 0 and launcher != "torchrun-env":
+        raise LaunchError("--node-rank only applies to --launcher torchrun-env")
+
+    topo, allowed = _machine(args)
+    ccl = args.ccl_worker_count if args.ccl_worker_count is not None else (0 if launcher == "local" else 1)
+    req = PlanRequest(
+        ninstances=args.nprocs_per_node or args.ninstances, ncores_per_instance=args.ncores_per_instance,
+        nodes_list=tuple(sorted(parse_cpulist(args.nodes_list))) if args.nodes_list else None,
+        use_logical_cores=args.use_logical_cores, ccl_worker_count=ccl,
+        logical_cores_for_ccl=args.logical_cores_for_ccl,
+        mode="latency" if args.latency_mode else "throughput" if args.throughput_mode else None)
+    plan = make_plan(topo, allowed, req)
+    choice = resolve(args.memory_allocator, args.omp_runtime)
+    plan.notes += choice.notes
+    program = program_argv(args, not args.dry_run and launcher in ("local", "torchrun-env"))
+    hosts = _hosts(args, launcher) if launcher != "local" else ["localhost"]
+    if args.master_addr is None and not args.hostfile and len(hosts) > 1:
+        raise LaunchError(f"--launcher {launcher} on {len(hosts)} nodes needs --master-addr or --hostfile")
+    master = args.master_addr or (hosts[0] if args.hostfile else "127.0.0.1")
+
+    if launcher in ("local", "torchrun-env"):
+        binder = _binder(args, plan)
+        if launcher == "local":
+            return local.build(plan, choice, program, binder, latency=args.latency_mode)
+        if not 0 <= args.node_rank < len(hosts):
+            raise LaunchError(f"--node-rank {args.node_rank} is outside 0..{len(hosts) - 1}")
+        return torchrun_env.build(plan, hosts, program, choice, binder,
+                                  master_addr=master, master_port=args.master_port)
+    if launcher == "mpi":
+        exe = mpi.find_mpiexec(args.mpiexec)
+        if exe is None:
+            if not args.dry_run:
+                raise LaunchError(f"{args.mpiexec or mpi.MPIEXEC} not found or not executable; "
+                                  "pip install impi-rt in this venv, or pass --mpiexec PATH")
+            exe = mpi.MPIEXEC
+            plan.notes.append("mpiexec.hydra not found here; shown by name")
+        return mpi.build(plan, hosts, program, choice, master_addr=master,
+                         master_port=args.master_port, mpiexec=exe, log_dir=args.log_dir)
+    return slurm.build(plan, hosts, program, choice, master_addr=master, master_port=args.master_port,
+                       nodelist=bool(args.hostfile), log_dir=args.log_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lars-run`` and ``python -m launchers``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        job = make_job(args)
+        if args.dry_run:
+            print(job.to_json() if args.json else job.to_text())
+            return 0
+        for note in job.notes:
+            print(f"lars-run: note: {note}", file=sys.stderr)
+        if job.launcher == "local":
+            return local.run(job, args.log_dir)
+        if job.launcher == "torchrun-env":
+            return local.run(torchrun_env.this_node(job, args.node_rank), args.log_dir)
+        return mpi.run_outer(job, args.log_dir)
+    except USAGE_ERRORS as exc:
+        print(f"lars-run: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Build an ``srun`` command: Slurm starts the ranks, ``--cpu-bind=mask_cpu`` pins them, and
+:mod:`launchers.rank_exec` gives each local rank its own affinity variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from affinity.cpuset import hex_mask
+from affinity.env import EnvChoice, merge_preload, rank_env
+from affinity.plan import NodePlan
+from launchers.job import Job, RankLaunch
+from launchers.mpi import split_env
+from launchers.rank_exec import ENV_VAR
+
+
+def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: EnvChoice, *,
+          master_addr: str, master_port: int, nodelist: bool, log_dir: str | None = None) -> Job:
+    """``nodelist``: pass ``--nodelist`` (hosts came from a hostfile) instead of letting Slurm pick;
+    ``log_dir``: one ``rank_<rank>.log`` per rank."""
+    per_node = len(node_plan.ranks)
+    ranks: list[RankLaunch] = []
+    for n, host in enumerate(hosts):
+        for r in node_plan.ranks:
+            env = merge_preload(rank_env(r, node_plan, choice, ccl=True), os.environ.get("LD_PRELOAD"))
+            env.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+            ranks.append(RankLaunch(n * per_node + r.local_rank, r.local_rank, host, r, env, list(program)))
+    common, own = split_env([r.env for r in ranks])
+    masks = ",".join(hex_mask(r.cpus) for r in node_plan.ranks)
+    command = ["srun", f"--nodes={len(hosts)}", f"--ntasks-per-node={per_node}",
+               f"--ntasks={len(ranks)}", f"--cpu-bind=mask_cpu:{masks}", "--kill-on-bad-exit=1"]
+    if log_dir:
+        command += [f"--output={os.path.join(log_dir, 'rank_%t.log')}", f"--error={os.path.join(log_dir, 'rank_%t.log')}"]
+    if nodelist:
+        command.append("--nodelist=" + ",".join(hosts))
+    command += [sys.executable, "-m", "launchers.rank_exec", "--", *program]
+    launch_env = dict(common, **{ENV_VAR: json.dumps(own[:per_node])})
+    return Job("slurm", "srun --cpu-bind", hosts, node_plan, ranks, command, launch_env,
+               list(node_plan.notes))
