@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -66,3 +67,38 @@ class BatchPlan:
         batch = self.order(epoch)[step * self.global_batch:(step + 1) * self.global_batch]
         m, first = self.micro_batch, self.rank * self.accum_steps
         return [batch[(first + j) * m:(first + j + 1) * m] for j in range(self.accum_steps)]
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, int]  # images, labels, unreadable images skipped
+
+
+def epoch_batches(data, plan: BatchPlan, epoch: int, start_step: int, workers: int = 0) -> Iterator[Batch]:
+    """This rank's micro-batches for steps ``start_step`` onwards of ``epoch``, in order.
+
+    In-memory data is sliced directly; image folders go through a DataLoader whose
+    workers decode ahead of the training loop.
+    """
+    steps = range(start_step, plan.steps_per_epoch)
+    if isinstance(data, TensorData):
+        for step in steps:
+            for idx in plan.micro_batches(epoch, step):
+                yield data.images[idx], data.labels[idx], 0
+        return
+    from ipex_lars.data.folder import collate_skipping_bad, limit_worker_threads
+
+    seed = plan.seed * 1_000_003 + epoch * 7_919
+    batches = [[(i, seed + i) for i in idx.tolist()] for step in steps for idx in plan.micro_batches(epoch, step)]
+    yield from torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=workers,
+                                           collate_fn=collate_skipping_bad, worker_init_fn=limit_worker_threads)
+
+
+def eval_batches(data, batch: int = 256, workers: int = 0) -> Iterator[Batch]:
+    """All of ``data`` in order, for evaluation."""
+    if isinstance(data, TensorData):
+        for i in range(0, len(data), batch):
+            yield data.images[i:i + batch], data.labels[i:i + batch], 0
+        return
+    from ipex_lars.data.folder import collate_skipping_bad, limit_worker_threads
+
+    yield from torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers,
+                                           collate_fn=collate_skipping_bad, worker_init_fn=limit_worker_threads)

@@ -1,4 +1,4 @@
-"""The datasets a recipe can name: ``digits`` (real, embedded) and ``synthetic``.
+"""The datasets a recipe can name: ``digits`` (real, embedded), ``synthetic`` and ``imagefolder``.
 
 ``digits`` is scikit-learn's copy of the UCI handwritten digits (1,797 8x8 images,
 10 classes), shipped inside the scikit-learn wheel: real data with no download.
@@ -41,10 +41,16 @@ def synthetic(num_samples: int, image_size: int, channels: int = 3, num_classes:
 
 
 def build_datasets(name: str, *, seed: int = 0, num_samples: int = 2048, image_size: int = 224,
-                   num_classes: int = 1000) -> tuple[TensorData, TensorData]:
+                   num_classes: int = 1000, data_dir: str = ""):
     """Train and validation data for a recipe's ``data`` field."""
     if name == "digits":
         return digits(seed=seed)
     if name == "synthetic":
         return synthetic(num_samples, image_size, num_classes=num_classes, seed=seed)
-    raise ValueError(f"unknown dataset {name!r}; choose digits or synthetic")
+    if name == "imagefolder":
+        from ipex_lars.data.folder import folder_datasets
+
+        if not data_dir:
+            raise ValueError("data imagefolder needs --data-dir ROOT (with ROOT/train/CLASS/*.JPEG and ROOT/val/...)")
+        return folder_datasets(data_dir, image_size)
+    raise ValueError(f"unknown dataset {name!r}; choose digits, synthetic or imagefolder")

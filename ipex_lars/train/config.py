@@ -20,8 +20,10 @@ class TrainConfig:
     """Every setting of a training run. ``ipex-lars train --help`` lists them with these texts."""
 
     model: str = _opt("digits_cnn", "network", ("digits_cnn", "alexnet_bn", "resnet50"))
-    data: str = _opt("digits", "dataset", ("digits", "synthetic"))
-    image_size: int = _opt(224, "image side for synthetic data")
+    data: str = _opt("digits", "dataset", ("digits", "synthetic", "imagefolder"))
+    data_dir: str = _opt("", "imagefolder root holding train/CLASS/*.JPEG and val/CLASS/*.JPEG")
+    workers: int = _opt(4, "DataLoader worker processes decoding images (imagefolder)")
+    image_size: int = _opt(224, "training crop side (imagefolder, synthetic)")
     num_samples: int = _opt(2048, "training samples for synthetic data")
     num_classes: int = _opt(1000, "classes for synthetic data")
     epochs: int = _opt(40, "training epochs")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ipex_lars.data import BatchPlan, TensorData, build_datasets
+from ipex_lars.data import BatchPlan, build_datasets, epoch_batches, eval_batches
 from ipex_lars.models import create_model
 from ipex_lars.optim import LARS, WarmupPolyLR, lars_param_groups
 from ipex_lars.train import checkpoint
@@ -65,13 +65,16 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TensorData, cfg: TrainConfig, batch: int = 1024) -> dict:
-    """Top-1 and top-5 accuracy (percent) and mean loss on ``data``."""
+def evaluate(model: nn.Module, data, cfg: TrainConfig) -> dict:
+    """Top-1 and top-5 accuracy (percent) and mean loss on the readable images of ``data``."""
     model.eval()
-    correct1 = correct5 = 0
+    correct1 = correct5 = n = 0
     loss = 0.0
-    for i in range(0, len(data), batch):
-        x, y = _to_input(data.images[i:i + batch], cfg), data.labels[i:i + batch]
+    for images, y, _ in eval_batches(data, workers=cfg.workers):
+        if not len(y):
+            continue
+        x = _to_input(images, cfg)
+        n += len(y)
         with _autocast(cfg):
             logits = model(x).float()
         loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
@@ -79,7 +82,7 @@ def evaluate(model: nn.Module, data: TensorData, cfg: TrainConfig, batch: int = 
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
     model.train()
-    n = len(data)
+    n = max(n, 1)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss / n}
 
 
@@ -89,7 +92,8 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     rank, world = _init_distributed()
     train_data, val_data = build_datasets(cfg.data, seed=cfg.seed, num_samples=cfg.num_samples,
-                                          image_size=cfg.image_size, num_classes=cfg.num_classes)
+                                          image_size=cfg.image_size, num_classes=cfg.num_classes,
+                                          data_dir=cfg.data_dir)
     plan = BatchPlan(len(train_data), cfg.global_batch, cfg.accum_steps, rank, world, cfg.seed)
     steps_per_epoch = plan.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
@@ -98,7 +102,8 @@ def train(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = create_model(cfg.model, train_data.num_classes, in_channels=train_data.images.shape[1])
+    in_channels = train_data.images.shape[1] if hasattr(train_data, "images") else 3
+    model = create_model(cfg.model, train_data.num_classes, in_channels=in_channels)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
@@ -124,20 +129,23 @@ def train(cfg: TrainConfig) -> dict:
 
     metrics_file = open(out / f"metrics-rank{rank}.jsonl", "a") if rank == 0 else None
     timings = dict.fromkeys(PHASES, 0.0)
-    skipped = 0
+    skipped = bad_images = 0
+    batches = None
     progress = _progress(rank, total_steps, step)
     result: dict = {}
     try:
         with _StopRequest() as stop:
             while step < total_steps:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
-                loss_sum, finite = _train_step(model, optimizer, criterion, train_data, plan, epoch, in_epoch,
-                                               cfg, timings)
+                if batches is None or in_epoch == 0:
+                    batches = epoch_batches(train_data, plan, epoch, in_epoch, cfg.workers)
+                loss_sum, finite, bad = _train_step(model, optimizer, criterion, batches, cfg, timings)
+                bad_images += bad
                 skipped += not finite
                 scheduler.step()  # the schedule follows iterations, taken or skipped
                 step += 1
                 record = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
-                          "skipped_steps": skipped}
+                          "skipped_steps": skipped, "skipped_images": bad_images}
                 end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
                 if end_of_epoch:
                     record.update({f"val_{k}": v for k, v in evaluate(core, val_data, cfg).items()})
@@ -167,24 +175,29 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0 and not (out / f"ckpt-{step:08d}.pt").exists():
         checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler), cfg.keep_checkpoints)
     result.setdefault("val_top1", evaluate(core, val_data, cfg)["top1"])
-    result.update({"skipped_steps": skipped, "steps": step, "phase_seconds": timings,
+    result.update({"skipped_steps": skipped, "skipped_images": bad_images, "steps": step, "phase_seconds": timings,
                    "optimizer_impl": getattr(optimizer, "impl", "torch.optim.SGD")})
     return result
 
 
-def _train_step(model, optimizer, criterion, data: TensorData, plan: BatchPlan, epoch: int, in_epoch: int,
-                cfg: TrainConfig, timings: dict) -> tuple[float, bool]:
-    """One optimizer step over this rank's micro-batches; returns (mean loss, gradients finite)."""
-    micro = plan.micro_batches(epoch, in_epoch)
-    loss_sum = 0.0
-    for j, idx in enumerate(micro):
+def _train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: dict) -> tuple[float, bool, int]:
+    """One optimizer step over this rank's next ``accum_steps`` micro-batches.
+
+    Returns (loss, gradients finite, unreadable images skipped).
+    """
+    loss_sum, bad = 0.0, 0
+    for j in range(cfg.accum_steps):
         t0 = time.perf_counter()
-        x, y = _to_input(data.images[idx], cfg), data.labels[idx]
+        images, y, skipped = next(batches)
+        bad += skipped
+        if not len(y):
+            raise ValueError(f"a micro-batch of {skipped} images had none readable; check the data folder")
+        x = _to_input(images, cfg)
         t1 = time.perf_counter()
-        sync = j == len(micro) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+        sync = j == cfg.accum_steps - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
         with (nullcontext() if sync else model.no_sync()):
             with _autocast(cfg):
-                loss = criterion(model(x).float(), y) / len(micro)
+                loss = criterion(model(x).float(), y) / cfg.accum_steps
             t2 = time.perf_counter()
             loss.backward()
         t3 = time.perf_counter()
@@ -198,7 +211,7 @@ def _train_step(model, optimizer, criterion, data: TensorData, plan: BatchPlan, 
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     timings["optimizer"] += time.perf_counter() - t0
-    return loss_sum, finite
+    return loss_sum, finite, bad
 
 
 def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
