@@ -319,3 +319,18 @@ def test_warmup_poly_schedule_values():
     assert all(a <= b for a, b in zip(lrs[:6], lrs[1:6])) and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
     with pytest.raises(ValueError, match="total_steps"):
         WarmupPolyLR(opt, warmup_steps=5, total_steps=5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_deep_copied_optimizer_keeps_working(impl):
+    # copy.deepcopy, pickle and ipex.optimize rebuild an optimizer through __setstate__
+    bf = [(x.bfloat16(), y) for x, y in _data(4)]
+    model, opt = _make(impl, True, dtype=torch.bfloat16)
+    _train(model, opt, bf[:2])
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.impl == impl
+    _train(model, opt, bf[2:], start=2)
+    _train(model2, opt2, bf[2:], start=2)
+    assert_rel_close(model2, model)
+    assert all(torch.equal(opt2.state[p]["master_param"].bfloat16(), p)
+               for p in model2.parameters() if p in opt2.state)

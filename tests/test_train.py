@@ -142,3 +142,26 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     for key in a:
         if a[key].is_floating_point() and "running" not in key:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ipex_backend_trains_and_resumes_exactly(tmp_path, precision):
+    pytest.importorskip("intel_extension_for_pytorch", reason="IPEX is only in the ipex stack")
+    kw = dict(backend="ipex", precision=precision, epochs=3, checkpoint_every=1)
+    train(_cfg(tmp_path / "a", **kw))
+    train(_cfg(tmp_path / "b", max_steps=3, **kw))
+    result = train(_cfg(tmp_path / "b", resume="auto", **kw))
+    assert result["steps"] == 6 and result["optimizer_impl"] == "fused"
+    a, b = _weights(tmp_path / "a" / "ckpt-00000006.pt"), _weights(tmp_path / "b" / "ckpt-00000006.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_ipex_backend_on_the_native_stack_is_a_clear_error(tmp_path):
+    try:
+        import intel_extension_for_pytorch  # noqa: F401
+        pytest.skip("this stack has IPEX")
+    except ImportError:
+        pass
+    out = _cli("--backend", "ipex", "--out-dir", str(tmp_path))
+    assert out.returncode == 2 and "use the ipex stack" in out.stderr

@@ -87,6 +87,17 @@ class LARS(torch.optim.Optimizer):
         self._written_version: dict[torch.Tensor, int] = {}
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "impl": self.impl}
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy and pickle rebuild optimizers through here; IPEX's load_state_dict
+        # also calls it on a live optimizer with only "state" and "param_groups".
+        super().__setstate__(state)
+        self.impl = state.get("impl") or getattr(self, "impl", "foreach")
+        self._fused = fused.FusedGroups() if self.impl == "fused" else None
+        self._written_version = {p: p._version for p, s in self.state.items() if "master_param" in s}
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]

@@ -41,7 +41,8 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
     precision: str = _opt("fp32", "compute precision", ("fp32", "bf16"))
     channels_last: bool = _opt(False, "use the channels-last memory format")
-    backend: str = _opt("native", "execution backend: eager, or torch.compile", ("native", "compile"))
+    backend: str = _opt("native", "execution backend: eager PyTorch, ipex.optimize (ipex stack), or torch.compile",
+                        ("native", "ipex", "compile"))
     impl: str = _opt("auto", "LARS implementation", ("auto", "fused", "foreach", "reference"))
     seed: int = _opt(0, "seed of initialisation, data order and dropout")
     out_dir: str = _opt("runs/digits", "where checkpoints and metrics go")

@@ -107,6 +107,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
+    if cfg.backend == "ipex":
+        model, optimizer = _ipex_optimize(model, optimizer, cfg)
     schedule_steps = cfg.epochs * steps_per_epoch
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), schedule_steps - 1)
     scheduler = WarmupPolyLR(optimizer, warmup_steps=warmup_steps, total_steps=schedule_steps,
@@ -212,6 +214,17 @@ def _train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings:
     optimizer.zero_grad(set_to_none=True)
     timings["optimizer"] += time.perf_counter() - t0
     return loss_sum, finite, bad
+
+
+def _ipex_optimize(model: nn.Module, optimizer, cfg: TrainConfig):
+    """IPEX's graph and weight-layout optimisations (and, for bf16, its fp32 master weights)."""
+    try:
+        import intel_extension_for_pytorch as ipex
+    except ImportError:
+        raise ValueError("backend ipex needs Intel Extension for PyTorch: use the ipex stack "
+                         "(env/setup.sh ipex, .venv-ipex) or --backend native") from None
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    return ipex.optimize(model, optimizer=optimizer, dtype=dtype)
 
 
 def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
