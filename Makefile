@@ -6,7 +6,7 @@ STACK ?= ipex
 VENV  := .venv-$(STACK)
 PY    := $(VENV)/bin/python
 
-.PHONY: setup train test bench-optim bench-launch doctor clean
+.PHONY: setup train test experiment bench-optim bench-launch doctor clean
 
 setup:
 	@bash env/setup.sh $(STACK)
@@ -16,6 +16,9 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+experiment: setup
+	$(VENV)/bin/ipex-lars experiment large-batch
 
 bench-optim: setup
 	$(VENV)/bin/ipex-lars bench optimizer

@@ -12,6 +12,11 @@ COMMANDS = {
     "doctor": ("ipex_lars.doctor", "report the stack, CPU, topology and whether the C++ extensions load"),
     "build": ("ipex_lars.build", "build the C++ extensions for this torch and CPU (env/setup.sh runs it)"),
 }
+# `ipex-lars experiment NAME`
+EXPERIMENTS = {
+    "large-batch": ("ipex_lars.experiments.large_batch",
+                    "SGD (linear scaling + warmup) vs LARS at growing batch sizes on digits; table and plot"),
+}
 # `ipex-lars bench NAME`
 BENCHMARKS = {
     "optimizer": ("ipex_lars.bench.optimizer", "LARS step time: fused vs foreach vs reference (vs IPEX) vs the memory floor"),
@@ -35,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side in one run",
                            description="Benchmarks. Each prints a table and JSON; see docs/BENCHMARKS.md.")
     _register(bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True), BENCHMARKS)
+    experiment = sub.add_parser("experiment", help="experiments that write their evidence to docs/",
+                                description="Experiments. Each writes a table and a plot.")
+    _register(experiment.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True), EXPERIMENTS)
     return parser
 
 

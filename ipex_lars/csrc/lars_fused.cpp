@@ -31,7 +31,7 @@ using Vec = at::vec::Vectorized<float>;
 using BVec = at::vec::Vectorized<at::BFloat16>;
 
 constexpr int64_t kBlock = 16384;          // elements per parallel work item
-constexpr int64_t kBatchElems = 1 << 20;   // elements per cache-sized batch of tensors
+constexpr int64_t kBatchElems = 1 << 19;   // elements per cache-sized batch of tensors
 
 struct Slot {
   float* w;                   // fp32 weights: the parameter or its fp32 master copy

@@ -52,6 +52,7 @@ class TrainConfig:
     max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = run all epochs)")
     skip_nonfinite: bool = _opt(True, "skip (and count) steps whose gradients are not finite")
     threads: int = _opt(0, "intra-op threads (0 = torch's default)")
+    progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -133,7 +133,7 @@ def train(cfg: TrainConfig) -> dict:
     timings = dict.fromkeys(PHASES, 0.0)
     skipped = bad_images = 0
     batches = None
-    progress = _progress(rank, total_steps, step)
+    progress = _progress(rank, total_steps, step) if cfg.progress else None
     result: dict = {}
     try:
         with _StopRequest() as stop:
@@ -163,12 +163,12 @@ def train(cfg: TrainConfig) -> dict:
                                   or (not cfg.checkpoint_every and end_of_epoch)):
                     checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler), cfg.keep_checkpoints)
                 result = record
-                if stop.signum is not None:
+                if _any_rank(stop.signum is not None, world):
                     if rank == 0:
                         path = checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler),
                                                cfg.keep_checkpoints)
                         _log(rank, f"stopped at step {step}: saved {path}; continue with --resume auto")
-                    raise Interrupted(f"signal {stop.signum}")
+                    raise Interrupted(f"signal {stop.signum or 'on another rank'}")
     finally:
         if progress:
             progress.close()
@@ -225,6 +225,15 @@ def _ipex_optimize(model: nn.Module, optimizer, cfg: TrainConfig):
                          "(env/setup.sh ipex, .venv-ipex) or --backend native") from None
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     return ipex.optimize(model, optimizer=optimizer, dtype=dtype)
+
+
+def _any_rank(flag: bool, world: int) -> bool:
+    """True on every rank if it is true on any: ranks stop together, at the same step."""
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:

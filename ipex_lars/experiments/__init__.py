@@ -1,0 +1,1 @@
+"""Experiments behind ``ipex-lars experiment``: evidence, written to docs/."""
