@@ -6,7 +6,7 @@ STACK ?= ipex
 VENV  := .venv-$(STACK)
 PY    := $(VENV)/bin/python
 
-.PHONY: setup train test experiment bench-optim bench-launch doctor clean
+.PHONY: setup train test experiment bench-optim bench-comm bench-launch doctor clean
 
 setup:
 	@bash env/setup.sh $(STACK)
@@ -22,6 +22,9 @@ experiment: setup
 
 bench-optim: setup
 	$(VENV)/bin/ipex-lars bench optimizer
+
+bench-comm: setup
+	$(VENV)/bin/ipex-lars bench comm
 
 bench-launch: setup
 	$(VENV)/bin/ipex-lars bench launch

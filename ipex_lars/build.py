@@ -13,9 +13,10 @@ from ipex_lars import ext
 
 def all_specs() -> list[ext.ExtensionSpec]:
     """Every extension the project ships, in build order."""
+    from ipex_lars.distributed import EXTENSIONS as DIST_SPECS  # empty when oneCCL is not installed
     from ipex_lars.optim.fused import SPEC as LARS_SPEC
 
-    return [LARS_SPEC]
+    return [LARS_SPEC, *DIST_SPECS]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

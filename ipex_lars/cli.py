@@ -20,6 +20,7 @@ EXPERIMENTS = {
 # `ipex-lars bench NAME`
 BENCHMARKS = {
     "optimizer": ("ipex_lars.bench.optimizer", "LARS step time: fused vs foreach vs reference (vs IPEX) vs the memory floor"),
+    "comm": ("ipex_lars.bench.comm", "allreduce latency/bus bandwidth 1 KB-256 MB and a DDP step: oneccl vs gloo"),
     "launch": ("ipex_lars.bench.launch", "2 instances pinned by lars-run vs unpinned, with/without thread caps"),
 }
 

@@ -125,19 +125,21 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("backend", ["oneccl", "gloo"])
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, backend):
     common = ["--epochs", "1", "--max-steps", "3", "--global-batch", "128", "--checkpoint-every", "3"]
     one = _cli(*common, "--accum-steps", "2", "--out-dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     port = str(_free_port())
-    procs = [subprocess.Popen([str(SCRIPT), "train", *common, "--out-dir", str(tmp_path / "two")],
+    procs = [subprocess.Popen([str(SCRIPT), "train", *common, "--dist-backend", backend,
+                               "--out-dir", str(tmp_path / "two")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2",
                                    "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
              for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert f"backend {backend}" in errs[0]
     a, b = _weights(tmp_path / "one" / "ckpt-00000003.pt"), _weights(tmp_path / "two" / "ckpt-00000003.pt")
     for key in a:
         if a[key].is_floating_point() and "running" not in key:

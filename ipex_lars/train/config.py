@@ -44,6 +44,8 @@ class TrainConfig:
     backend: str = _opt("native", "execution backend: eager PyTorch, ipex.optimize (ipex stack), or torch.compile",
                         ("native", "ipex", "compile"))
     impl: str = _opt("auto", "LARS implementation", ("auto", "fused", "foreach", "reference"))
+    dist_backend: str = _opt("auto", "torch.distributed backend for multi-rank runs (auto: oneccl, else gloo)",
+                             ("auto", "oneccl", "gloo", "ccl"))
     seed: int = _opt(0, "seed of initialisation, data order and dropout")
     out_dir: str = _opt("runs/digits", "where checkpoints and metrics go")
     checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end of every epoch")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import signal
 import time
@@ -88,9 +87,9 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training ``cfg`` describes; return the final metrics."""
+    rank, world = _init_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world = _init_distributed()
     train_data, val_data = build_datasets(cfg.data, seed=cfg.seed, num_samples=cfg.num_samples,
                                           image_size=cfg.image_size, num_classes=cfg.num_classes,
                                           data_dir=cfg.data_dir)
@@ -278,11 +277,17 @@ def _resume_path(cfg: TrainConfig, out: Path) -> Path | None:
     return Path(cfg.resume)
 
 
-def _init_distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
+    """Join the job the launcher (torchrun, mpiexec, srun, lars-run) started, on oneCCL when it can."""
+    from ipex_lars.distributed.env import detect
+
+    if not dist.is_initialized():
+        if detect().world_size == 1:
+            return 0, 1
+        from ipex_lars.distributed import init
+
+        init(backend=cfg.dist_backend)
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _progress(rank: int, total: int, done: int):
