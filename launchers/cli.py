@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "physical cores, memory on its NUMA node, OMP_NUM_THREADS and affinity variables, and "
         "(multi-rank) oneCCL worker cores. Use --dry-run --json to see the plan without running."),
         epilog="examples:\n  lars-run --ninstances 2 bench.py\n"
-               "  lars-run --nnodes 2 --nprocs-per-node 2 --hostfile hosts -m ipex_lars.train\n"
+               "  lars-run --nnodes 2 --nprocs-per-node 2 --hostfile hosts -m ipex_lars train\n"
                "  lars-run --dry-run --json --topology xeon.lscpu --nprocs-per-node 2 train.py",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("instances and cores")
