@@ -12,7 +12,7 @@ setup:
 	@bash env/setup.sh $(STACK)
 
 train: setup
-	$(VENV)/bin/ipex-lars train --recipe digits $(TRAIN_ARGS)
+	$(VENV)/bin/ipex-lars train --recipe digits --resume auto $(TRAIN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -79,7 +79,8 @@ def build_dir(spec: ExtensionSpec) -> Path:
     digest = hashlib.sha256()
     for src in spec.sources:
         digest.update((CSRC / src).read_bytes())
-    for flag in (*_cflags(spec, isa), *spec.extra_include_paths, *_ldflags(spec)):
+    for flag in (*_cflags(spec, isa), *spec.extra_include_paths, *_ldflags(spec),
+                 sys.implementation.cache_tag, os.environ.get("CXX", "c++")):
         digest.update(flag.encode())
     root = Path(os.environ.get("IPEX_LARS_BUILD_DIR") or
                 Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ipex-lars" / "ext")
@@ -123,7 +124,11 @@ def build(spec: ExtensionSpec, verbose: bool = False) -> Path:
     from torch.utils import cpp_extension
 
     out = lib.parent
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExtensionBuildError(f"cannot create the build directory {out}: {exc.strerror}; set "
+                                  "IPEX_LARS_BUILD_DIR to a writable folder") from None
     try:
         cpp_extension.load(
             name=spec.name,

@@ -334,3 +334,40 @@ def test_a_deep_copied_optimizer_keeps_working(impl):
     assert_rel_close(model2, model)
     assert all(torch.equal(opt2.state[p]["master_param"].bfloat16(), p)
                for p in model2.parameters() if p in opt2.state)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_state_from_an_fp32_model_gives_a_bf16_model_its_masters(impl):
+    model, opt = _make(impl, True)
+    _train(model, opt, _data(2))
+    saved = opt.state_dict()
+    bf_model, bf_opt = _make(impl, True, dtype=torch.bfloat16)
+    bf_opt.load_state_dict(saved)
+    _train(bf_model, bf_opt, [(x.bfloat16(), y) for x, y in _data(3)[2:]], start=2)
+    for p in bf_model.parameters():
+        if p in bf_opt.state:
+            assert bf_opt.state[p]["master_param"].dtype == torch.float32
+            assert torch.equal(bf_opt.state[p]["master_param"].bfloat16(), p)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_state_of_the_wrong_shape_is_an_error_not_a_silent_skip(impl):
+    p = nn.Parameter(torch.ones(4))
+    opt = LARS([p], lr=0.1, impl=impl)
+    opt.state[p]["momentum_buffer"] = torch.zeros(3)
+    p.grad = torch.ones(4)
+    with pytest.raises((ValueError, RuntimeError), match="shape|size"):
+        opt.step()
+
+
+def test_auto_falls_back_to_foreach_when_the_build_folder_is_unwritable():
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch; from ipex_lars.optim import LARS\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); o = LARS([torch.nn.Parameter(torch.ones(2))], lr=0.1)\n"
+            "print(o.impl, any('IPEX_LARS_BUILD_DIR' in str(x.message) for x in w))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "IPEX_LARS_BUILD_DIR": "/proc/no-such-dir"})
+    assert out.stdout.split()[-2:] == ["foreach", "True"], out.stderr

@@ -167,3 +167,39 @@ def test_ipex_backend_on_the_native_stack_is_a_clear_error(tmp_path):
         pass
     out = _cli("--backend", "ipex", "--out-dir", str(tmp_path))
     assert out.returncode == 2 and "use the ipex stack" in out.stderr
+
+
+def test_saving_never_deletes_a_newer_checkpoint_or_the_one_just_written(tmp_path):
+    for step in (900, 1000):
+        checkpoint.save(tmp_path, step, {"step": step}, keep=2)
+    path = checkpoint.save(tmp_path, 100, {"step": 100}, keep=2)  # a branch from an earlier checkpoint
+    assert path.exists()
+    assert [checkpoint.step_of(p) for p in checkpoint.all_checkpoints(tmp_path)] == [100, 900, 1000]
+    for step in (200, 300):
+        checkpoint.save(tmp_path, step, {"step": step}, keep=2)
+    assert [checkpoint.step_of(p) for p in checkpoint.all_checkpoints(tmp_path)] == [200, 300, 900, 1000]
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    train(_cfg(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume auto"):
+        train(_cfg(tmp_path, epochs=1))
+
+
+def test_resume_refuses_a_changed_schedule_and_rewinds_metrics(tmp_path):
+    train(_cfg(tmp_path, epochs=4, max_steps=3, checkpoint_every=1))
+    with pytest.raises(ValueError, match="epochs=4.*8"):
+        train(_cfg(tmp_path, epochs=8, resume="auto"))
+    train(_cfg(tmp_path, epochs=4, resume=str(tmp_path / "ckpt-00000002.pt"), checkpoint_every=1))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics-rank0.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9)), "steps re-run after the checkpoint are logged once"
+
+
+def test_recipe_numbers_in_exponent_form_are_read_as_numbers(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("weight_decay: 5e-5\nend_lr: 1e-4\nepochs: 3\n")
+    cfg = load_config(str(recipe))
+    assert (cfg.weight_decay, cfg.end_lr, cfg.epochs) == (5e-5, 1e-4, 3)
+    recipe.write_text("epochs: many\n")
+    with pytest.raises(ValueError, match="epochs must be int, got 'many'"):
+        load_config(str(recipe))

@@ -88,8 +88,10 @@ def epoch_batches(data, plan: BatchPlan, epoch: int, start_step: int, workers: i
 
     seed = plan.seed * 1_000_003 + epoch * 7_919
     batches = [[(i, seed + i) for i in idx.tolist()] for step in steps for idx in plan.micro_batches(epoch, step)]
+    # an explicit generator: creating the iterator must not draw from the global RNG (dropout's)
     yield from torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=workers,
-                                           collate_fn=collate_skipping_bad, worker_init_fn=limit_worker_threads)
+                                           collate_fn=collate_skipping_bad, worker_init_fn=limit_worker_threads,
+                                           generator=torch.Generator().manual_seed(seed))
 
 
 def eval_batches(data, batch: int = 256, workers: int = 0) -> Iterator[Batch]:
@@ -101,4 +103,5 @@ def eval_batches(data, batch: int = 256, workers: int = 0) -> Iterator[Batch]:
     from ipex_lars.data.folder import collate_skipping_bad, limit_worker_threads
 
     yield from torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers,
-                                           collate_fn=collate_skipping_bad, worker_init_fn=limit_worker_threads)
+                                           collate_fn=collate_skipping_bad, worker_init_fn=limit_worker_threads,
+                                           generator=torch.Generator().manual_seed(0))

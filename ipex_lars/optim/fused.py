@@ -47,7 +47,7 @@ class FusedGroups:
         if missing:  # parameters with their first gradient: create state, then update just those
             fresh = [params[i] for i in missing]
             for i, p in zip(missing, fresh):
-                state = optimizer.init_state(p)
+                state = optimizer.init_state(p)  # raises if existing state does not fit p
                 plan.set_state(i, state.get("master_param", p), state["momentum_buffer"])
             load().GroupPlan(fresh, *self._state_lists(optimizer, fresh)).step(*args)
 

@@ -117,15 +117,22 @@ class LARS(torch.optim.Optimizer):
                    f"got a {p.dtype} parameter of shape {tuple(p.shape)}")
 
     def init_state(self, p: torch.Tensor) -> dict:
-        """Create (once) the state of parameter ``p``: fp32 momentum and, for bf16, an fp32 master."""
+        """The state of parameter ``p``, created or repaired: fp32 momentum and, for bf16, an fp32 master."""
         state = self.state[p]
+        if p.dtype == torch.bfloat16 and "master_param" not in state:
+            state["master_param"] = p.detach().float()  # keeps p's layout (e.g. channels-last)
+            self._written_version[p] = p._version
+        elif p.dtype != torch.bfloat16 and "master_param" in state:
+            del state["master_param"]  # e.g. state saved from a bf16 model, loaded into an fp32 one
+            self._written_version.pop(p, None)
         if "momentum_buffer" not in state:
-            if p.dtype == torch.bfloat16:
-                state["master_param"] = p.detach().float()  # keeps p's layout (e.g. channels-last)
-                self._written_version[p] = p._version
             weight = state.get("master_param", p)
             state["momentum_buffer"] = torch.zeros_like(weight, dtype=torch.float32,
                                                         memory_format=torch.preserve_format)
+        elif state["momentum_buffer"].shape != p.shape:
+            raise ValueError(f"LARS state does not fit its parameter: momentum of shape "
+                             f"{tuple(state['momentum_buffer'].shape)} for a parameter of shape {tuple(p.shape)}; "
+                             "load the optimizer state saved with this model")
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -143,6 +150,7 @@ class LARS(torch.optim.Optimizer):
             p = by_id[pid]
             for key, value in values.items():
                 self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+            self.init_state(p)  # masters follow this model's dtypes; shapes must match
         self._written_version = {p: p._version for p, s in self.state.items() if "master_param" in s}
         if self._fused is not None:
             self._fused.invalidate()

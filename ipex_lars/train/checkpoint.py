@@ -30,9 +30,17 @@ def save(directory: str | Path, step: int, state: dict, keep: int) -> Path:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
-    for old in all_checkpoints(directory)[:-keep]:
+    # Prune older steps only: never the file just written, never a later step (an explicit
+    # resume from an earlier checkpoint branches; what came after it stays).
+    older = [p for p in all_checkpoints(directory) if step_of(p) < step]
+    for old in older[:max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)
     return final
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint file was written at."""
+    return int(_NAME.fullmatch(path.name).group(1))
 
 
 def all_checkpoints(directory: str | Path) -> list[Path]:

@@ -95,5 +95,22 @@ def load_config(recipe: str, overrides: dict | None = None) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"recipe {path} has unknown setting(s) {', '.join(unknown)}")
+    values = {k: _typed(k, v, path) for k, v in values.items()}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainConfig(**values)
+
+
+def _typed(name: str, value, path: Path):
+    """A recipe value as its field's type: YAML reads ``5e-5`` as a string, for one."""
+    kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind) if isinstance(kind, str) else kind
+    if kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
+        return value
+    try:
+        if kind is float and not isinstance(value, bool):
+            return float(value)
+        if kind is int and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"recipe {path}: {name} must be {kind.__name__}, got {value!r}")

@@ -26,6 +26,9 @@ from ipex_lars.train import checkpoint
 from ipex_lars.train.config import TrainConfig
 
 PHASES = ("data", "forward", "backward", "optimizer")
+# Settings that fix the data order and the learning-rate schedule: a resumed run must keep them.
+RESUME_MUST_MATCH = ("model", "data", "global_batch", "seed", "epochs", "optimizer", "lr", "warmup_epochs",
+                     "poly_power", "end_lr", "momentum_style")
 
 
 class Interrupted(Exception):
@@ -121,6 +124,13 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         step = _restore(checkpoint.load(resume_from), cfg, model, optimizer, scheduler)
         _log(rank, f"resumed from {resume_from} at step {step}")
+        if rank == 0:
+            _drop_metrics_after(out / "metrics-rank0.jsonl", step)
+    elif checkpoint.all_checkpoints(out):
+        newest = checkpoint.all_checkpoints(out)[-1]
+        raise ValueError(f"{out} already holds checkpoints (newest {newest.name}); continue that run with "
+                         "--resume auto, or start this one in a new --out-dir")
+    saved_step = step
 
     core = model  # what checkpoints save; wrappers below only change how it runs
     if cfg.backend == "compile":
@@ -143,9 +153,10 @@ def train(cfg: TrainConfig) -> dict:
                 loss_sum, finite, bad = _train_step(model, optimizer, criterion, batches, cfg, timings)
                 bad_images += bad
                 skipped += not finite
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 scheduler.step()  # the schedule follows iterations, taken or skipped
                 step += 1
-                record = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
+                record = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
                           "skipped_steps": skipped, "skipped_images": bad_images}
                 end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
                 if end_of_epoch:
@@ -161,6 +172,7 @@ def train(cfg: TrainConfig) -> dict:
                 if rank == 0 and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                                   or (not cfg.checkpoint_every and end_of_epoch)):
                     checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler), cfg.keep_checkpoints)
+                    saved_step = step
                 result = record
                 if _any_rank(stop.signum is not None, world):
                     if rank == 0:
@@ -173,9 +185,10 @@ def train(cfg: TrainConfig) -> dict:
             progress.close()
         if metrics_file:
             metrics_file.close()
-    if rank == 0 and not (out / f"ckpt-{step:08d}.pt").exists():
+    if rank == 0 and saved_step != step:
         checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler), cfg.keep_checkpoints)
-    result.setdefault("val_top1", evaluate(core, val_data, cfg)["top1"])
+    if "val_top1" not in result:
+        result["val_top1"] = evaluate(core, val_data, cfg)["top1"]
     result.update({"skipped_steps": skipped, "skipped_images": bad_images, "steps": step, "phase_seconds": timings,
                    "optimizer_impl": getattr(optimizer, "impl", "torch.optim.SGD")})
     return result
@@ -256,7 +269,7 @@ def _state(cfg: TrainConfig, step: int, model: nn.Module, optimizer, scheduler) 
 
 def _restore(state: dict, cfg: TrainConfig, model, optimizer, scheduler) -> int:
     saved = state["config"]
-    for key in ("global_batch", "seed", "data", "model"):
+    for key in RESUME_MUST_MATCH:
         if saved[key] != getattr(cfg, key):
             raise ValueError(f"cannot resume: the checkpoint was made with {key}={saved[key]!r}, this run has "
                              f"{getattr(cfg, key)!r}; use the same setting or a new --out-dir")
@@ -266,6 +279,13 @@ def _restore(state: dict, cfg: TrainConfig, model, optimizer, scheduler) -> int:
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     return state["step"]
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metrics of steps after the checkpoint: the resumed run logs them again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _resume_path(cfg: TrainConfig, out: Path) -> Path | None:
