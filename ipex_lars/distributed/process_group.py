@@ -82,11 +82,16 @@ def _store(launch: Launch, timeout: timedelta):
 
 def _destroy_at_exit() -> None:
     """Tear the group down before interpreter exit: oneCCL's threads abort the process
-    ("terminate called without an active exception") if it is left to static destructors."""
+    ("terminate called without an active exception") if it is left to static destructors.
+    Collect garbage first: DDP's reference cycles would otherwise keep the backend alive."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def init(backend: str = "auto", timeout: float | timedelta | None = None, verbose: bool = True) -> DistInfo:

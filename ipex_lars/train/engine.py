@@ -90,7 +90,9 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training ``cfg`` describes; return the final metrics."""
+    joined = not dist.is_initialized()
     rank, world = _init_distributed(cfg)
+    joined = joined and dist.is_initialized()  # we started the process group, so we end it
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_data, val_data = build_datasets(cfg.data, seed=cfg.seed, num_samples=cfg.num_samples,
@@ -189,7 +191,11 @@ def train(cfg: TrainConfig) -> dict:
         checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler), cfg.keep_checkpoints)
     if "val_top1" not in result:
         result["val_top1"] = evaluate(core, val_data, cfg)["top1"]
-    result.update({"skipped_steps": skipped, "skipped_images": bad_images, "steps": step, "phase_seconds": timings,
+    if joined:
+        del model  # the DDP wrapper holds the process group
+        _leave_distributed()
+    result.update({"rank": rank, "world_size": world, "skipped_steps": skipped, "skipped_images": bad_images,
+                   "steps": step, "phase_seconds": timings,
                    "optimizer_impl": getattr(optimizer, "impl", "torch.optim.SGD")})
     return result
 
@@ -237,6 +243,16 @@ def _ipex_optimize(model: nn.Module, optimizer, cfg: TrainConfig):
                          "(env/setup.sh ipex, .venv-ipex) or --backend native") from None
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     return ipex.optimize(model, optimizer=optimizer, dtype=dtype)
+
+
+def _leave_distributed() -> None:
+    """All ranks finish together, then free the process group while no collective is running."""
+    import gc
+
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def _any_rank(flag: bool, world: int) -> bool:
