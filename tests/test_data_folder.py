@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_runner import run_cli
 from ipex_lars.data.folder import ImageFolderData, load_image
 from ipex_lars.train import checkpoint
 from ipex_lars.train.config import load_config
 from ipex_lars.train.engine import train
-
-SCRIPT = Path(sys.executable).parent / "ipex-lars"
-
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory) -> Path:
@@ -86,8 +81,7 @@ def test_resume_on_folder_data_is_exact_with_workers(tmp_path, image_root):
 ])
 def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path, make, message):
     root = make(tmp_path / "data")
-    out = subprocess.run([str(SCRIPT), "train", "--data", "imagefolder", "--data-dir", str(root),
-                          "--out-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = run_cli("train", "--data", "imagefolder", "--data-dir", str(root), "--out-dir", str(tmp_path / "run"),
+                  env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr

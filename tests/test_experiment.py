@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(sys.executable).parent / "ipex-lars"
+from cli_runner import run_cli
 
 
 @pytest.mark.slow
 def test_large_batch_experiment_writes_table_json_and_plot(tmp_path):
-    out = subprocess.run([str(SCRIPT), "experiment", "large-batch", "--batches", "64,512", "--epochs", "2",
-                          "--seeds", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    out = run_cli("experiment", "large-batch", "--batches", "64,512", "--epochs", "2", "--seeds", "1",
+                  "--out", str(tmp_path), timeout=600)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "large_batch.json").read_text())
     assert [r["batch"] for r in rows] == [64, 512]
@@ -26,6 +23,5 @@ def test_large_batch_experiment_writes_table_json_and_plot(tmp_path):
 
 
 def test_bad_batch_list_is_a_clear_error(tmp_path):
-    out = subprocess.run([str(SCRIPT), "experiment", "large-batch", "--batches", "64,huge", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    out = run_cli("experiment", "large-batch", "--batches", "64,huge", "--out", str(tmp_path))
     assert out.returncode == 2 and "--batches must be integers" in out.stdout

@@ -7,18 +7,17 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_runner import SCRIPT, run_cli
 from ipex_lars.train import checkpoint
 from ipex_lars.train.config import TrainConfig, load_config
 from ipex_lars.train.engine import train
 
-SCRIPT = Path(sys.executable).parent / "ipex-lars"
 
 
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
@@ -71,9 +70,8 @@ def test_packaged_recipes_load():
     assert (mlperf.global_batch, mlperf.lr, mlperf.label_smoothing, mlperf.end_lr) == (3264, 10.5, 0.1, 1e-4)
 
 
-def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(SCRIPT), "train", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli("train", *args, env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from typing import Callable
@@ -96,7 +97,7 @@ def _triad(n: int) -> Callable[[], None]:
 def measure(set_name: str, repeats: int, warmup: int, impls: list[str]) -> dict:
     """Median step time of every candidate on one parameter set, with the floor."""
     shapes = _param_shapes(set_name)
-    numel = sum(_numel(s) for s in shapes)
+    numel = sum(math.prod(s) for s in shapes)
     steps = _candidates(shapes, impls)
     triad_n = 1 << 25  # 128 MB per array: well past any last-level cache
     steps["triad"] = _triad(triad_n)
@@ -123,13 +124,6 @@ def measure(set_name: str, repeats: int, warmup: int, impls: list[str]) -> dict:
     if "ipex" in med:
         result["speedup_vs_ipex"] = {name: med["ipex"] / t for name, t in med.items() if name != "ipex"}
     return result
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _print_table(result: dict) -> None:

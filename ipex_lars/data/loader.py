@@ -84,14 +84,9 @@ def epoch_batches(data, plan: BatchPlan, epoch: int, start_step: int, workers: i
             for idx in plan.micro_batches(epoch, step):
                 yield data.images[idx], data.labels[idx], 0
         return
-    from ipex_lars.data.folder import collate_skipping_bad, limit_worker_threads
-
     seed = plan.seed * 1_000_003 + epoch * 7_919
     batches = [[(i, seed + i) for i in idx.tolist()] for step in steps for idx in plan.micro_batches(epoch, step)]
-    # an explicit generator: creating the iterator must not draw from the global RNG (dropout's)
-    yield from torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=workers,
-                                           collate_fn=collate_skipping_bad, worker_init_fn=limit_worker_threads,
-                                           generator=torch.Generator().manual_seed(seed))
+    yield from _folder_loader(data, workers, seed, batch_sampler=batches)
 
 
 def eval_batches(data, batch: int = 256, workers: int = 0) -> Iterator[Batch]:
@@ -100,8 +95,14 @@ def eval_batches(data, batch: int = 256, workers: int = 0) -> Iterator[Batch]:
         for i in range(0, len(data), batch):
             yield data.images[i:i + batch], data.labels[i:i + batch], 0
         return
+    yield from _folder_loader(data, workers, 0, batch_size=batch)
+
+
+def _folder_loader(data, workers: int, seed: int, **batching) -> torch.utils.data.DataLoader:
+    """A DataLoader over an image folder: bad images skipped, one thread per worker, and its own
+    generator, so creating it does not draw from the global RNG (dropout's), which resume relies on."""
     from ipex_lars.data.folder import collate_skipping_bad, limit_worker_threads
 
-    yield from torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers,
-                                           collate_fn=collate_skipping_bad, worker_init_fn=limit_worker_threads,
-                                           generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(data, num_workers=workers, collate_fn=collate_skipping_bad,
+                                       worker_init_fn=limit_worker_threads,
+                                       generator=torch.Generator().manual_seed(seed), **batching)

@@ -6,8 +6,8 @@ process group from whichever launcher started the process.
 """
 
 from ipex_lars.distributed.backend import EXTENSIONS, MissingRankError, register
-from ipex_lars.distributed.process_group import BackendUnavailableError, DistInfo, init
+from ipex_lars.distributed.process_group import BackendUnavailableError, DistInfo, init, shutdown
 
 register()
 
-__all__ = ["EXTENSIONS", "BackendUnavailableError", "DistInfo", "MissingRankError", "init", "register"]
+__all__ = ["EXTENSIONS", "BackendUnavailableError", "DistInfo", "MissingRankError", "init", "register", "shutdown"]

@@ -80,10 +80,12 @@ def _store(launch: Launch, timeout: timedelta):
             f"MASTER_ADDR/MASTER_PORT point elsewhere ({exc})") from exc
 
 
-def _destroy_at_exit() -> None:
-    """Tear the group down before interpreter exit: oneCCL's threads abort the process
-    ("terminate called without an active exception") if it is left to static destructors.
-    Collect garbage first: DDP's reference cycles would otherwise keep the backend alive."""
+def shutdown() -> None:
+    """Tear the process group down; ``init()`` also does this at interpreter exit.
+
+    Left to static destructors, oneCCL's threads abort the process ("terminate called without an
+    active exception"). Garbage is collected first because DDP's reference cycles would otherwise
+    keep the backend alive past ``destroy_process_group``."""
     import gc
 
     import torch.distributed as dist
@@ -125,7 +127,7 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None, verbos
     limit = _timeout(timeout)
     store = _store(launch, limit)
     dist.init_process_group(chosen, store=store, rank=launch.rank, world_size=launch.world_size, timeout=limit)
-    atexit.register(_destroy_at_exit)
+    atexit.register(shutdown)
     info = DistInfo(chosen, reason, launch, env_set)
     if verbose and launch.rank == 0:
         settings = " ".join(f"{k}={v}" for k, v in env_set.items()) or "none"

@@ -96,7 +96,7 @@ class LARS(torch.optim.Optimizer):
         super().__setstate__(state)
         self.impl = state.get("impl") or getattr(self, "impl", "foreach")
         self._fused = fused.FusedGroups() if self.impl == "fused" else None
-        self._written_version = {p: p._version for p, s in self.state.items() if "master_param" in s}
+        self._record_master_versions()
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -151,9 +151,13 @@ class LARS(torch.optim.Optimizer):
             for key, value in values.items():
                 self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
             self.init_state(p)  # masters follow this model's dtypes; shapes must match
-        self._written_version = {p: p._version for p, s in self.state.items() if "master_param" in s}
+        self._record_master_versions()
         if self._fused is not None:
             self._fused.invalidate()
+
+    def _record_master_versions(self) -> None:
+        """Take the bf16 parameters as they are now as what their masters hold (after a load)."""
+        self._written_version = {p: p._version for p, s in self.state.items() if "master_param" in s}
 
     def _sync_masters(self) -> None:
         """Re-read a bf16 parameter into its master if something else wrote the parameter."""

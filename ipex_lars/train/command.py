@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from ipex_lars.train.config import TrainConfig
+from ipex_lars.train.config import TrainConfig, field_type
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,10 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default {f.default!r})"
-        if f.type in (bool, "bool"):
+        kind = field_type(f)
+        if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
             group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
                                help=help_text)
 

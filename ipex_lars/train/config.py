@@ -100,10 +100,14 @@ def load_config(recipe: str, overrides: dict | None = None) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def field_type(f: dataclasses.Field) -> type:
+    """The Python type of a TrainConfig field (annotations are strings here)."""
+    return {"int": int, "float": float, "str": str, "bool": bool}[f.type] if isinstance(f.type, str) else f.type
+
+
 def _typed(name: str, value, path: Path):
     """A recipe value as its field's type: YAML reads ``5e-5`` as a string, for one."""
-    kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
-    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind) if isinstance(kind, str) else kind
+    kind = field_type(next(f for f in dataclasses.fields(TrainConfig) if f.name == name))
     if kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
         return value
     try:

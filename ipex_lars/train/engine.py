@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import ipex_lars.distributed as ild
 from ipex_lars.data import BatchPlan, build_datasets, epoch_batches, eval_batches
 from ipex_lars.models import create_model
 from ipex_lars.optim import LARS, WarmupPolyLR, lars_param_groups
@@ -90,9 +91,7 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training ``cfg`` describes; return the final metrics."""
-    joined = not dist.is_initialized()
-    rank, world = _init_distributed(cfg)
-    joined = joined and dist.is_initialized()  # we started the process group, so we end it
+    rank, world, joined = _init_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_data, val_data = build_datasets(cfg.data, seed=cfg.seed, num_samples=cfg.num_samples,
@@ -128,17 +127,25 @@ def train(cfg: TrainConfig) -> dict:
         _log(rank, f"resumed from {resume_from} at step {step}")
         if rank == 0:
             _drop_metrics_after(out / "metrics-rank0.jsonl", step)
-    elif checkpoint.all_checkpoints(out):
-        newest = checkpoint.all_checkpoints(out)[-1]
-        raise ValueError(f"{out} already holds checkpoints (newest {newest.name}); continue that run with "
+    elif existing := checkpoint.all_checkpoints(out):
+        raise ValueError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue that run with "
                          "--resume auto, or start this one in a new --out-dir")
-    saved_step = step
+    saved_step, saved_path = step, resume_from
 
     core = model  # what checkpoints save; wrappers below only change how it runs
     if cfg.backend == "compile":
         model = torch.compile(model)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)
+
+    def save_checkpoint() -> Path:
+        """Rank 0 writes this step's checkpoint, once however often asked; returns its path."""
+        nonlocal saved_step, saved_path
+        if saved_step != step:
+            saved_path = checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler),
+                                         cfg.keep_checkpoints)
+            saved_step = step
+        return saved_path
 
     metrics_file = open(out / f"metrics-rank{rank}.jsonl", "a") if rank == 0 else None
     timings = dict.fromkeys(PHASES, 0.0)
@@ -173,13 +180,11 @@ def train(cfg: TrainConfig) -> dict:
                                          **({"val_top1": f"{record['val_top1']:.1f}"} if end_of_epoch else {}))
                 if rank == 0 and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                                   or (not cfg.checkpoint_every and end_of_epoch)):
-                    checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler), cfg.keep_checkpoints)
-                    saved_step = step
+                    save_checkpoint()
                 result = record
                 if _any_rank(stop.signum is not None, world):
                     if rank == 0:
-                        path = checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler),
-                                               cfg.keep_checkpoints)
+                        path = save_checkpoint()
                         _log(rank, f"stopped at step {step}: saved {path}; continue with --resume auto")
                     raise Interrupted(f"signal {stop.signum or 'on another rank'}")
     finally:
@@ -187,13 +192,14 @@ def train(cfg: TrainConfig) -> dict:
             progress.close()
         if metrics_file:
             metrics_file.close()
-    if rank == 0 and saved_step != step:
-        checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler), cfg.keep_checkpoints)
+    if rank == 0:
+        save_checkpoint()
     if "val_top1" not in result:
         result["val_top1"] = evaluate(core, val_data, cfg)["top1"]
-    if joined:
-        del model  # the DDP wrapper holds the process group
-        _leave_distributed()
+    if joined:  # we started the process group, so we end it: all ranks together, DDP dropped first
+        del model
+        dist.barrier()
+        ild.shutdown()
     result.update({"rank": rank, "world_size": world, "skipped_steps": skipped, "skipped_images": bad_images,
                    "steps": step, "phase_seconds": timings,
                    "optimizer_impl": getattr(optimizer, "impl", "torch.optim.SGD")})
@@ -243,16 +249,6 @@ def _ipex_optimize(model: nn.Module, optimizer, cfg: TrainConfig):
                          "(env/setup.sh ipex, .venv-ipex) or --backend native") from None
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     return ipex.optimize(model, optimizer=optimizer, dtype=dtype)
-
-
-def _leave_distributed() -> None:
-    """All ranks finish together, then free the process group while no collective is running."""
-    import gc
-
-    dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
-    gc.collect()
 
 
 def _any_rank(flag: bool, world: int) -> bool:
@@ -313,17 +309,16 @@ def _resume_path(cfg: TrainConfig, out: Path) -> Path | None:
     return Path(cfg.resume)
 
 
-def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
-    """Join the job the launcher (torchrun, mpiexec, srun, lars-run) started, on oneCCL when it can."""
-    from ipex_lars.distributed.env import detect
+def _init_distributed(cfg: TrainConfig) -> tuple[int, int, bool]:
+    """Join the job the launcher (torchrun, mpiexec, srun, lars-run) started, on oneCCL when it can.
 
-    if not dist.is_initialized():
-        if detect().world_size == 1:
-            return 0, 1
-        from ipex_lars.distributed import init
-
-        init(backend=cfg.dist_backend)
-    return dist.get_rank(), dist.get_world_size()
+    Returns (rank, world size, whether this call started the process group)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if ild.env.detect().world_size == 1:
+        return 0, 1, False
+    ild.init(backend=cfg.dist_backend)
+    return dist.get_rank(), dist.get_world_size(), True
 
 
 def _progress(rank: int, total: int, done: int):
