@@ -321,6 +321,27 @@ def test_warmup_poly_schedule_values():
         WarmupPolyLR(opt, warmup_steps=5, total_steps=5)
 
 
+@pytest.mark.parametrize("impl", ("reference",) + IMPLS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_stepping_buckets_of_parameters_equals_one_step(impl, dtype):
+    """What --overlap-optimizer does: each DDP bucket is stepped on its own, in bucket order."""
+    data = [(x.to(dtype), y) for x, y in _data(6)]
+    whole_model, whole_opt = _make(impl, grouped=True, dtype=dtype)
+    parts_model, parts_opt = _make(impl, grouped=True, dtype=dtype)
+    _train(whole_model, whole_opt, data)
+    params = list(parts_model.parameters())  # frozen one included: not in the optimizer, ignored
+    buckets = [params[7:], params[3:7], params[:3]]  # last layers first, groups mixed, like DDP
+    for i, (x, y) in enumerate(data):
+        parts_opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(parts_model(x, use_aux=i % 2 == 0).float(), y).backward()
+        for bucket in buckets:
+            parts_opt.step_params(bucket)
+    assert torch.equal(_flat(parts_model), _flat(whole_model))
+    for p, q in zip(parts_model.parameters(), whole_model.parameters()):
+        for key, value in whole_opt.state.get(q, {}).items():
+            assert torch.equal(parts_opt.state[p][key], value), key
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_deep_copied_optimizer_keeps_working(impl):
     # copy.deepcopy, pickle and ipex.optimize rebuild an optimizer through __setstate__

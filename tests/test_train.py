@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -79,6 +80,8 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--epochs", "0"], "epochs must be >= 1"),
     (["--global-batch", "5000"], "larger than the 1437 training samples"),
     (["--global-batch", "100", "--accum-steps", "3"], "does not split into 1 rank(s) x 3"),
+    (["--overlap-optimizer", "--optimizer", "sgd"], "use optimizer lars"),
+    (["--overlap-optimizer", "--backend", "ipex", "--precision", "bf16"], "cannot update IPEX's bf16 master"),
 ])
 def test_bad_configuration_is_a_clear_error(tmp_path, args, message):
     out = _cli(*args, "--out-dir", str(tmp_path))
@@ -122,26 +125,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_ranks(*args: str) -> tuple[dict, list[str]]:
+    """Run `ipex-lars train ARGS` as 2 ranks (torchrun-style variables); return rank 0's result, their stderr."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([str(SCRIPT), "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r),
+                                              "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(2)]
+    outs, errs = zip(*(p.communicate(timeout=300) for p in procs))
+    assert [p.returncode for p in procs] == [0, 0], errs
+    return json.loads(outs[0].strip().splitlines()[-1]), list(errs)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["oneccl", "gloo"])
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, backend):
     common = ["--epochs", "1", "--max-steps", "3", "--global-batch", "128", "--checkpoint-every", "3"]
     one = _cli(*common, "--accum-steps", "2", "--out-dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    port = str(_free_port())
-    procs = [subprocess.Popen([str(SCRIPT), "train", *common, "--dist-backend", backend,
-                               "--out-dir", str(tmp_path / "two")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2",
-                                   "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-             for r in range(2)]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    _, errs = _two_ranks(*common, "--dist-backend", backend, "--out-dir", str(tmp_path / "two"))
     assert f"backend {backend}" in errs[0]
     a, b = _weights(tmp_path / "one" / "ckpt-00000003.pt"), _weights(tmp_path / "two" / "ckpt-00000003.pt")
     for key in a:
         if a[key].is_floating_point() and "running" not in key:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [(), ("--precision", "bf16", "--channels-last", "--accum-steps", "2")])
+def test_overlapping_the_optimizer_with_allreduce_gives_the_same_weights(tmp_path, extra):
+    common = ["--epochs", "1", "--max-steps", "4", "--global-batch", "256", "--checkpoint-every", "4",
+              "--dist-backend", "oneccl", *extra]
+    after, _ = _two_ranks(*common, "--out-dir", str(tmp_path / "after"))
+    overlap, _ = _two_ranks(*common, "--overlap-optimizer", "--out-dir", str(tmp_path / "overlap"))
+    assert after["overlapped_bucket_steps"] == 0
+    assert overlap["overlapped_bucket_steps"] >= 4  # at least one bucket per step went through the hook
+    a = checkpoint.load(tmp_path / "after" / "ckpt-00000004.pt")
+    b = checkpoint.load(tmp_path / "overlap" / "ckpt-00000004.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for pid, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(b["optimizer"]["state"][pid][key], value), (pid, key)
+    for run in ("after", "overlap"):  # every rank-0 metrics line has the allreduce phase
+        last = json.loads((tmp_path / run / "metrics-rank0.jsonl").read_text().splitlines()[-1])
+        assert last["phase_seconds"]["allreduce"] > 0
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -191,6 +221,11 @@ def test_resume_refuses_a_changed_schedule_and_rewinds_metrics(tmp_path):
     train(_cfg(tmp_path, epochs=4, resume=str(tmp_path / "ckpt-00000002.pt"), checkpoint_every=1))
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics-rank0.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9)), "steps re-run after the checkpoint are logged once"
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == steps, "the CSV holds the same steps as the JSON lines"
+    assert float(rows[-1]["images_per_second"]) > 0 and float(rows[-1]["forward_seconds"]) > 0
+    assert float(rows[-1]["val_top1"]) >= 0 and rows[0]["val_top1"] == "", "held-out accuracy at epoch ends"
 
 
 def test_recipe_numbers_in_exponent_form_are_read_as_numbers(tmp_path):

@@ -7,7 +7,7 @@ a step costs no per-tensor work in Python.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Hashable
 
 import torch
 
@@ -27,18 +27,18 @@ class FusedGroups:
     """Per param group kernel plans, rebuilt when a group or the optimizer state changes."""
 
     def __init__(self) -> None:
-        self._plans: dict[int, tuple[list, int, Any]] = {}
+        self._plans: dict[Hashable, tuple[list, int, Any]] = {}
 
     def invalidate(self) -> None:
         self._plans.clear()
 
-    def step(self, optimizer: Any, index: int, group: dict) -> None:
-        params = group["params"]
-        cached = self._plans.get(index)
+    def step(self, optimizer: Any, key: Hashable, params: list, group: dict) -> None:
+        """Update ``params`` (all or part of ``group``) with the plan cached under ``key``."""
+        cached = self._plans.get(key)
         if cached is None or cached[0] is not params or cached[1] != len(params):
             plan = load().GroupPlan(list(params), *self._state_lists(optimizer, params))
             cached = (params, len(params), plan)
-            self._plans[index] = cached
+            self._plans[key] = cached
         plan = cached[2]
         args = (group["lr"], group["momentum"], group["weight_decay"], group["trust_coefficient"],
                 group["eps"], group["nesterov"], group["momentum_style"] == "paper", group["clip"],

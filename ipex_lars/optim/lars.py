@@ -29,7 +29,7 @@ fp32 (``state[p]["momentum_buffer"]``), so state dicts load across impls.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -85,6 +85,7 @@ class LARS(torch.optim.Optimizer):
         self.impl = _resolve_impl(impl)
         self._fused = fused.FusedGroups() if self.impl == "fused" else None
         self._written_version: dict[torch.Tensor, int] = {}
+        self._subsets: dict[tuple[int, ...], list[tuple[int, list[torch.Tensor]]]] = {}
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict:
@@ -96,10 +97,12 @@ class LARS(torch.optim.Optimizer):
         super().__setstate__(state)
         self.impl = state.get("impl") or getattr(self, "impl", "foreach")
         self._fused = fused.FusedGroups() if self.impl == "fused" else None
+        self._subsets = {}
         self._record_master_versions()
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self._subsets = {}
         group = self.param_groups[-1]
         _check(isinstance(group["lr"], (int, float)) and group["lr"] >= 0,
                f"LARS lr must be a number >= 0, got {group['lr']!r}")
@@ -152,6 +155,7 @@ class LARS(torch.optim.Optimizer):
                 self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
             self.init_state(p)  # masters follow this model's dtypes; shapes must match
         self._record_master_versions()
+        self._subsets = {}
         if self._fused is not None:
             self._fused.invalidate()
 
@@ -159,10 +163,13 @@ class LARS(torch.optim.Optimizer):
         """Take the bf16 parameters as they are now as what their masters hold (after a load)."""
         self._written_version = {p: p._version for p, s in self.state.items() if "master_param" in s}
 
-    def _sync_masters(self) -> None:
+    def _sync_masters(self, params: Iterable[torch.Tensor]) -> None:
         """Re-read a bf16 parameter into its master if something else wrote the parameter."""
-        for p, version in self._written_version.items():
-            if p._version != version:
+        if not self._written_version:  # no bf16 parameters
+            return
+        for p in params:
+            version = self._written_version.get(p)
+            if version is not None and p._version != version:
                 master = self.state[p]["master_param"]
                 if not torch.equal(master.to(torch.bfloat16), p.detach()):
                     master.copy_(p.detach())
@@ -174,19 +181,43 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_masters()
         for index, group in enumerate(self.param_groups):
-            if self._fused is not None:
-                self._fused.step(self, index, group)
-            else:
-                self._step_unfused(group)
-        for p in self._written_version:
-            self._written_version[p] = p._version
+            self._step_params(index, index, group["params"])
         return loss
 
-    def _step_unfused(self, group: dict) -> None:
+    @torch.no_grad()
+    def step_params(self, params: Sequence[torch.Tensor]) -> None:
+        """Update only ``params``, e.g. one DDP gradient bucket as soon as its allreduce is done.
+
+        Each tensor is updated exactly as ``step()`` updates it: the trust ratio needs
+        only that tensor's own norms, and DDP buckets hold whole tensors. So stepping
+        every bucket once is one ``step()``. Parameters not in this optimizer are ignored.
+        """
+        key = tuple(map(id, params))
+        parts = self._subsets.get(key)
+        if parts is None:  # which params of which group: worked out once per bucket
+            ids = set(key)
+            parts = [(index, [p for p in group["params"] if id(p) in ids])
+                     for index, group in enumerate(self.param_groups)]
+            parts = self._subsets[key] = [(index, subset) for index, subset in parts if subset]
+        for index, subset in parts:
+            self._step_params(index, (index, key), subset)
+
+    def _step_params(self, index: int, plan_key, params: list[torch.Tensor]) -> None:
+        group = self.param_groups[index]
+        self._sync_masters(params)
+        if self._fused is not None:
+            self._fused.step(self, plan_key, params, group)
+        else:
+            self._step_unfused(group, params)
+        if self._written_version:
+            for p in params:
+                if p in self._written_version:
+                    self._written_version[p] = p._version
+
+    def _step_unfused(self, group: dict, params: list[torch.Tensor]) -> None:
         ws, gs, vs, lows = [], [], [], []
-        for p in group["params"]:
+        for p in params:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:

@@ -44,6 +44,8 @@ class TrainConfig:
     backend: str = _opt("native", "execution backend: eager PyTorch, ipex.optimize (ipex stack), or torch.compile",
                         ("native", "ipex", "compile"))
     impl: str = _opt("auto", "LARS implementation", ("auto", "fused", "foreach", "reference"))
+    overlap_optimizer: bool = _opt(False, "with several ranks, run LARS on each gradient bucket as soon as its allreduce "
+                                   "completes, during backward (same weights; a non-finite bucket is skipped alone)")
     dist_backend: str = _opt("auto", "torch.distributed backend for multi-rank runs (auto: oneccl, else gloo)",
                              ("auto", "oneccl", "gloo", "ccl"))
     seed: int = _opt(0, "seed of initialisation, data order and dropout")
@@ -64,6 +66,11 @@ class TrainConfig:
         for name in ("epochs", "global_batch", "accum_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.overlap_optimizer and self.optimizer != "lars":
+            raise ValueError("overlap_optimizer steps LARS bucket by bucket; use optimizer lars, or drop it")
+        if self.overlap_optimizer and self.backend == "ipex" and self.precision == "bf16":
+            raise ValueError("overlap_optimizer cannot update IPEX's bf16 master weights, which change only in "
+                             "optimizer.step(); use backend native for bf16, precision fp32, or drop it")
         if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ValueError("lr, weight_decay and warmup_epochs must be >= 0")
 

@@ -8,7 +8,6 @@ epoch, step), so resuming from a checkpoint continues bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import signal
 import time
@@ -25,8 +24,9 @@ from ipex_lars.models import create_model
 from ipex_lars.optim import LARS, WarmupPolyLR, lars_param_groups
 from ipex_lars.train import checkpoint
 from ipex_lars.train.config import TrainConfig
+from ipex_lars.train.grad_sync import GradientSync, grads_finite
+from ipex_lars.train.metrics import PHASES, MetricsLog
 
-PHASES = ("data", "forward", "backward", "optimizer")
 # Settings that fix the data order and the learning-rate schedule: a resumed run must keep them.
 RESUME_MUST_MATCH = ("model", "data", "global_batch", "seed", "epochs", "optimizer", "lr", "warmup_epochs",
                      "poly_power", "end_lr", "momentum_style")
@@ -125,8 +125,6 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         step = _restore(checkpoint.load(resume_from), cfg, model, optimizer, scheduler)
         _log(rank, f"resumed from {resume_from} at step {step}")
-        if rank == 0:
-            _drop_metrics_after(out / "metrics-rank0.jsonl", step)
     elif existing := checkpoint.all_checkpoints(out):
         raise ValueError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue that run with "
                          "--resume auto, or start this one in a new --out-dir")
@@ -135,8 +133,12 @@ def train(cfg: TrainConfig) -> dict:
     core = model  # what checkpoints save; wrappers below only change how it runs
     if cfg.backend == "compile":
         model = torch.compile(model)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model)
+    sync = None
+    if world > 1:  # gradients live in DDP's buckets: the optimizer reads the averaged values in place
+        model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+        sync = GradientSync(model, optimizer if cfg.overlap_optimizer else None, cfg.skip_nonfinite)
+    elif cfg.overlap_optimizer:
+        _log(rank, "--overlap-optimizer has no effect in a single process: there is no allreduce to overlap")
 
     def save_checkpoint() -> Path:
         """Rank 0 writes this step's checkpoint, once however often asked; returns its path."""
@@ -147,7 +149,7 @@ def train(cfg: TrainConfig) -> dict:
             saved_step = step
         return saved_path
 
-    metrics_file = open(out / f"metrics-rank{rank}.jsonl", "a") if rank == 0 else None
+    metrics = MetricsLog(out, resumed_at=step if resume_from else None) if rank == 0 else None
     timings = dict.fromkeys(PHASES, 0.0)
     skipped = bad_images = 0
     batches = None
@@ -159,21 +161,24 @@ def train(cfg: TrainConfig) -> dict:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 if batches is None or in_epoch == 0:
                     batches = epoch_batches(train_data, plan, epoch, in_epoch, cfg.workers)
-                loss_sum, finite, bad = _train_step(model, optimizer, criterion, batches, cfg, timings)
+                before, started = dict(timings), time.perf_counter()
+                loss_sum, finite, bad = _train_step(model, optimizer, criterion, batches, cfg, timings, sync)
+                seconds = time.perf_counter() - started
                 bad_images += bad
                 skipped += not finite
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 scheduler.step()  # the schedule follows iterations, taken or skipped
                 step += 1
                 record = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
+                          "images_per_second": round(cfg.global_batch / seconds, 2),
+                          **{f"{k}_seconds": round(timings[k] - before[k], 5) for k in PHASES},
                           "skipped_steps": skipped, "skipped_images": bad_images}
                 end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
                 if end_of_epoch:
                     record.update({f"val_{k}": v for k, v in evaluate(core, val_data, cfg).items()})
                     record["phase_seconds"] = {k: round(v, 4) for k, v in timings.items()}
-                if metrics_file:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                if metrics:
+                    metrics.write(record)
                 if progress:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{record['lr']:.3g}",
@@ -190,8 +195,8 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         if progress:
             progress.close()
-        if metrics_file:
-            metrics_file.close()
+        if metrics:
+            metrics.close()
     if rank == 0:
         save_checkpoint()
     if "val_top1" not in result:
@@ -202,11 +207,13 @@ def train(cfg: TrainConfig) -> dict:
         ild.shutdown()
     result.update({"rank": rank, "world_size": world, "skipped_steps": skipped, "skipped_images": bad_images,
                    "steps": step, "phase_seconds": timings,
-                   "optimizer_impl": getattr(optimizer, "impl", "torch.optim.SGD")})
+                   "optimizer_impl": getattr(optimizer, "impl", "torch.optim.SGD"),
+                   "overlapped_bucket_steps": sync.stepped_buckets if sync else 0})
     return result
 
 
-def _train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: dict) -> tuple[float, bool, int]:
+def _train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: dict,
+                sync: GradientSync | None) -> tuple[float, bool, int]:
     """One optimizer step over this rank's next ``accum_steps`` micro-batches.
 
     Returns (loss, gradients finite, unreadable images skipped).
@@ -220,21 +227,29 @@ def _train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings:
             raise ValueError(f"a micro-batch of {skipped} images had none readable; check the data folder")
         x = _to_input(images, cfg)
         t1 = time.perf_counter()
-        sync = j == cfg.accum_steps - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
-        with (nullcontext() if sync else model.no_sync()):
+        reduce = sync is not None and j == cfg.accum_steps - 1  # earlier micro-batches only accumulate
+        with (model.no_sync() if sync is not None and not reduce else nullcontext()):
             with _autocast(cfg):
                 loss = criterion(model(x).float(), y) / cfg.accum_steps
             t2 = time.perf_counter()
             loss.backward()
         t3 = time.perf_counter()
+        # backward computes until the last bucket goes to allreduce; the rest is communication it did not hide
+        handoff = min(max(sync.last_handoff, t2), t3) if reduce else t3
         loss_sum += loss.item()
         timings["data"] += t1 - t0
         timings["forward"] += t2 - t1
-        timings["backward"] += t3 - t2
+        timings["backward"] += handoff - t2
+        timings["allreduce"] += t3 - handoff
     t0 = time.perf_counter()
-    finite = not cfg.skip_nonfinite or _grads_finite(optimizer)
-    if finite:
-        optimizer.step()
+    if sync is not None and sync.optimizer is not None:  # each bucket was stepped after its allreduce
+        finite = sync.skipped_buckets == 0
+        sync.skipped_buckets = 0
+    else:
+        finite = not cfg.skip_nonfinite or grads_finite(
+            [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
+        if finite:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     timings["optimizer"] += time.perf_counter() - t0
     return loss_sum, finite, bad
@@ -258,11 +273,6 @@ def _any_rank(flag: bool, world: int) -> bool:
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())) if grads else True
 
 
 def _to_input(images: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -291,13 +301,6 @@ def _restore(state: dict, cfg: TrainConfig, model, optimizer, scheduler) -> int:
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     return state["step"]
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Forget metrics of steps after the checkpoint: the resumed run logs them again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _resume_path(cfg: TrainConfig, out: Path) -> Path | None:
