@@ -6,7 +6,7 @@ STACK ?= ipex
 VENV  := .venv-$(STACK)
 PY    := $(VENV)/bin/python
 
-.PHONY: setup train test experiment bench-optim bench-comm bench-launch doctor clean
+.PHONY: setup train test experiment bench-optim bench-comm bench-launch bench-train doctor clean
 
 setup:
 	@bash env/setup.sh $(STACK)
@@ -28,6 +28,9 @@ bench-comm: setup
 
 bench-launch: setup
 	$(VENV)/bin/ipex-lars bench launch
+
+bench-train: setup
+	$(VENV)/bin/ipex-lars bench train $(BENCH_ARGS)
 
 doctor: setup
 	$(VENV)/bin/ipex-lars doctor

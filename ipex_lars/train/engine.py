@@ -67,6 +67,29 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
                 momentum_style=cfg.momentum_style, impl=cfg.impl)
 
 
+def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model in its memory format with its optimizer, both through ipex.optimize for backend ipex."""
+    model = create_model(cfg.model, num_classes, in_channels=in_channels)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    if cfg.backend == "ipex":
+        model, optimizer = _ipex_optimize(model, optimizer, cfg)
+    return model, optimizer
+
+
+def wrap_model(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+               world: int) -> tuple[nn.Module, GradientSync | None]:
+    """How the model runs: compiled for backend compile, and under DDP when there are several ranks."""
+    if cfg.backend == "compile":
+        model = torch.compile(model)
+    if world == 1:
+        return model, None
+    # gradients live in DDP's buckets, where the optimizer reads the averaged values in place
+    model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    return model, GradientSync(model, optimizer if cfg.overlap_optimizer else None, cfg.skip_nonfinite)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data, cfg: TrainConfig) -> dict:
     """Top-1 and top-5 accuracy (percent) and mean loss on the readable images of ``data``."""
@@ -91,7 +114,7 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training ``cfg`` describes; return the final metrics."""
-    rank, world, joined = _init_distributed(cfg)
+    rank, world, joined = init_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_data, val_data = build_datasets(cfg.data, seed=cfg.seed, num_samples=cfg.num_samples,
@@ -106,12 +129,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     in_channels = train_data.images.shape[1] if hasattr(train_data, "images") else 3
-    model = create_model(cfg.model, train_data.num_classes, in_channels=in_channels)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
-    if cfg.backend == "ipex":
-        model, optimizer = _ipex_optimize(model, optimizer, cfg)
+    model, optimizer = build_model(cfg, train_data.num_classes, in_channels)
     schedule_steps = cfg.epochs * steps_per_epoch
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), schedule_steps - 1)
     scheduler = WarmupPolyLR(optimizer, warmup_steps=warmup_steps, total_steps=schedule_steps,
@@ -130,14 +148,9 @@ def train(cfg: TrainConfig) -> dict:
                          "--resume auto, or start this one in a new --out-dir")
     saved_step, saved_path = step, resume_from
 
-    core = model  # what checkpoints save; wrappers below only change how it runs
-    if cfg.backend == "compile":
-        model = torch.compile(model)
-    sync = None
-    if world > 1:  # gradients live in DDP's buckets: the optimizer reads the averaged values in place
-        model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        sync = GradientSync(model, optimizer if cfg.overlap_optimizer else None, cfg.skip_nonfinite)
-    elif cfg.overlap_optimizer:
+    core = model  # what checkpoints save; the wrappers only change how it runs
+    model, sync = wrap_model(model, optimizer, cfg, world)
+    if world == 1 and cfg.overlap_optimizer:
         _log(rank, "--overlap-optimizer has no effect in a single process: there is no allreduce to overlap")
 
     def save_checkpoint() -> Path:
@@ -162,7 +175,7 @@ def train(cfg: TrainConfig) -> dict:
                 if batches is None or in_epoch == 0:
                     batches = epoch_batches(train_data, plan, epoch, in_epoch, cfg.workers)
                 before, started = dict(timings), time.perf_counter()
-                loss_sum, finite, bad = _train_step(model, optimizer, criterion, batches, cfg, timings, sync)
+                loss_sum, finite, bad = train_step(model, optimizer, criterion, batches, cfg, timings, sync)
                 seconds = time.perf_counter() - started
                 bad_images += bad
                 skipped += not finite
@@ -212,9 +225,10 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
-def _train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: dict,
-                sync: GradientSync | None) -> tuple[float, bool, int]:
-    """One optimizer step over this rank's next ``accum_steps`` micro-batches.
+def train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: dict,
+               sync: GradientSync | None) -> tuple[float, bool, int]:
+    """One optimizer step over this rank's next ``accum_steps`` micro-batches; adds each phase's seconds to
+    ``timings``.
 
     Returns (loss, gradients finite, unreadable images skipped).
     """
@@ -312,7 +326,7 @@ def _resume_path(cfg: TrainConfig, out: Path) -> Path | None:
     return Path(cfg.resume)
 
 
-def _init_distributed(cfg: TrainConfig) -> tuple[int, int, bool]:
+def init_distributed(cfg: TrainConfig) -> tuple[int, int, bool]:
     """Join the job the launcher (torchrun, mpiexec, srun, lars-run) started, on oneCCL when it can.
 
     Returns (rank, world size, whether this call started the process group)."""

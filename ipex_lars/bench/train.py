@@ -1,0 +1,167 @@
+"""``ipex-lars bench train``: training images/second per configuration, as ratios to plain PyTorch.
+
+Configurations are model x batch x precision (fp32, bf16 autocast) x layout (NCHW,
+channels-last) x backend (native eager, ipex.optimize, torch.compile) x optimizer
+(our LARS, torch.optim.SGD). Next to them, in the same run, the benchmark times the
+baseline a user would write without this project: fp32, NCHW, eager, SGD. Every
+configuration runs in a fresh process (see ``train_worker``), in round-robin order
+over ``--repeat`` rounds, so drifting machine load spreads over all of them. Each
+figure is the median step of ``--steps`` timed steps after ``--warmup`` untimed ones.
+
+``--stacks ipex,native`` runs each configuration on both project stacks, alternating,
+and compares their best configurations. ``--ranks N`` also runs each configuration as
+N ranks through ``lars-run`` and reports the scaling efficiency against one rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from ipex_lars.bench.train_worker import MODEL_INPUTS, RESULT_TAG
+
+BASELINE = {"precision": "fp32", "layout": "nchw", "backend": "native", "optimizer": "sgd"}
+AXES = {"precision": ("fp32", "bf16"), "layout": ("nchw", "channels_last"),
+        "backend": ("native", "ipex", "compile"), "optimizer": ("lars", "sgd")}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _csv(kind, choices=None):
+    def parse(text: str) -> list:
+        items = [kind(x) for x in text.split(",") if x]
+        bad = [x for x in items if choices and x not in choices]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(map(str, choices))}"
+                                             if choices else "expected a comma-separated list")
+        return items
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", type=_csv(str, MODEL_INPUTS), default=["resnet50"],
+                        help="comma-separated: resnet50, alexnet_bn, digits_cnn (default: resnet50)")
+    parser.add_argument("--batches", type=_csv(int), default=[32], help="per-rank batch sizes (default: 32)")
+    for axis, choices in AXES.items():
+        parser.add_argument(f"--{axis}s", type=_csv(str, choices), default=list(choices),
+                            help=f"comma-separated subset of {', '.join(choices)} (default: all"
+                                 f"{'; ipex only where installed' if axis == 'backend' else ''})")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="input side (default: 224 for resnet50/alexnet_bn, 8 for digits_cnn)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default 5)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps first, for allocation, prepacking and compilation (default 2)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds over all configurations; figures are medians over rounds (default 1)")
+    parser.add_argument("--stacks", type=_csv(str, ("ipex", "native")),
+                        help="run on these project stacks (.venv-STACK), alternating; default: this Python")
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="also run every configuration as this many ranks via lars-run (default 1: no)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration run")
+    parser.add_argument("--out", default="runs/bench-train",
+                        help="folder for results.json and chart.png (default runs/bench-train)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one configuration
+
+
+def configurations(args: argparse.Namespace) -> list[dict]:
+    """The baseline and every requested configuration, per model and batch, baseline first."""
+    specs = []
+    for model, batch in itertools.product(args.models, args.batches):
+        common = {"model": model, "batch": batch, "image_size": args.image_size, "steps": args.steps,
+                  "warmup": args.warmup}
+        specs.append({**common, **BASELINE, "baseline": True})
+        for values in itertools.product(*(getattr(args, f"{axis}s") for axis in AXES)):
+            combo = dict(zip(AXES, values))
+            if combo != BASELINE:
+                specs.append({**common, **combo, "baseline": False})
+    return specs
+
+
+def _python(stack: str | None) -> str:
+    if stack is None:
+        return sys.executable
+    path = ROOT / f".venv-{stack}" / "bin" / "python"
+    if not path.exists():
+        raise ValueError(f"stack {stack} is not set up ({path} is missing); run env/setup.sh {stack}")
+    return str(path)
+
+
+def _has_ipex(python: str) -> bool:
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('intel_extension_for_pytorch') is None)"
+    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+
+
+def _run(python: str, spec: dict, ranks: int, timeout: float) -> dict:
+    worker = ["-m", "ipex_lars", "bench", "train", "--worker", json.dumps(spec)]
+    if ranks > 1:
+        cmd = [python, "-m", "launchers", "--nprocs-per-node", str(ranks), "-m", *worker[1:]]
+    else:
+        cmd = [python, *worker]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s (raise --timeout)"}
+    tagged = [line[len(RESULT_TAG):] for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    results = [json.loads(line) for line in tagged]
+    errors = [r["error"] for r in results if "error" in r]
+    if errors or proc.returncode != 0 or not results:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": errors[0] if errors else f"exit {proc.returncode}: {tail}"}
+    return results[0]
+
+
+def _label(spec: dict) -> str:
+    return (f"{spec['precision']} {'CL' if spec['layout'] == 'channels_last' else 'NCHW'} "
+            f"{spec['backend']} {spec['optimizer'].upper()}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        from ipex_lars.bench.train_worker import main
+
+        return main(args.worker)
+    from ipex_lars.bench.train_report import report
+
+    try:
+        if min(args.steps, args.repeat, args.ranks, *args.batches) < 1 or args.warmup < 0:
+            raise ValueError("--steps, --repeat, --ranks and --batches must be >= 1 and --warmup >= 0")
+        stacks = args.stacks or [None]
+        pythons = {stack: _python(stack) for stack in stacks}
+    except ValueError as exc:
+        print(f"ipex-lars bench train: error: {exc}", file=sys.stderr)
+        return 2
+    ipex_on = {stack: _has_ipex(python) for stack, python in pythons.items()}
+    rank_counts = [1] + ([args.ranks] if args.ranks > 1 else [])
+    runs = [(stack, spec, ranks) for spec in configurations(args) for ranks in rank_counts for stack in stacks
+            if spec["backend"] != "ipex" or ipex_on[stack]]
+    skipped = [s or "this python" for s, ok in ipex_on.items() if not ok and "ipex" in args.backends]
+    if skipped:
+        print(f"[bench train] backend ipex skipped on {', '.join(skipped)}: IPEX is not installed there")
+
+    from tqdm import tqdm
+
+    measured: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
+    with tqdm(total=len(runs) * args.repeat, unit="run", dynamic_ncols=True) as bar:
+        for _ in range(args.repeat):
+            for i, (stack, spec, ranks) in enumerate(runs):
+                bar.set_postfix_str(f"{stack or ''} {spec['model']} b{spec['batch']} {_label(spec)} x{ranks}")
+                measured[i].append(_run(pythons[stack], spec, ranks, args.timeout))
+                bar.update(1)
+    rows = []
+    for i, (stack, spec, ranks) in enumerate(runs):
+        ok = [m for m in measured[i] if "error" not in m]
+        row = {**{k: v for k, v in spec.items() if k not in ("steps", "warmup")}, "stack": stack or "current",
+               "ranks": ranks, "label": _label(spec), "runs": len(measured[i])}
+        if ok:
+            best = min(ok, key=lambda m: abs(m["images_per_second"] - statistics.median(
+                x["images_per_second"] for x in ok)))  # the run at the median, with its own breakdown
+            row.update({k: best[k] for k in ("images_per_second", "step_ms", "phase_ms", "peak_rss_mb",
+                                             "global_batch", "optimizer_impl", "threads", "torch")})
+        else:
+            row["error"] = measured[i][-1]["error"]
+        rows.append(row)
+    return report(rows, args)
