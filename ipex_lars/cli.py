@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> module with add_arguments(parser) and run(args) -> exit code
@@ -11,6 +12,7 @@ COMMANDS = {
     "train": ("ipex_lars.train.command", "train a model with LARS from a recipe (default: the digits main job)"),
     "doctor": ("ipex_lars.doctor", "report the stack, CPU, topology and whether the C++ extensions load"),
     "build": ("ipex_lars.build", "build the C++ extensions for this torch and CPU (env/setup.sh runs it)"),
+    "plan": ("ipex_lars.plan.command", "predict iteration time, time to train and scaling efficiency on N nodes"),
 }
 # `ipex-lars experiment NAME`
 EXPERIMENTS = {
@@ -50,8 +52,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return importlib.import_module(args._module).run(args)
+    try:
+        args = _parser().parse_args(argv)
+        return importlib.import_module(args._module).run(args)
+    except BrokenPipeError:  # output piped into `head` and the like, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from cli_runner import run_cli as _run
 def test_help_lists_every_command():
     out = _run("--help")
     assert out.returncode == 0
-    for command in ("doctor", "build", "bench"):
+    for command in ("train", "doctor", "build", "plan", "bench", "experiment"):
         assert command in out.stdout
 
 
@@ -58,3 +58,20 @@ def test_bench_rejects_an_unknown_parameter_set():
     out = _run("bench", "optimizer", "--sets", "vgg")
     assert out.returncode == 2
     assert "unknown set(s) vgg" in out.stdout
+
+
+@pytest.mark.parametrize("args", [["--ddp-steps", "0"], ["--sizes", "4Q"], ["--worlds", "1"]])
+def test_bench_comm_rejects_bad_arguments_before_starting_ranks(args):
+    out = _run("bench", "comm", *args)
+    assert out.returncode == 2 and "--ddp-steps a count >= 1" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_output_cut_short_by_a_closed_pipe_is_not_a_traceback():
+    import subprocess
+
+    from cli_runner import SCRIPT
+
+    nodes = ",".join(map(str, range(1, 3001)))  # a table far larger than a pipe's buffer
+    proc = subprocess.run(f"'{SCRIPT}' plan --scenario paper-resnet50 --nodes {nodes} | head -1", shell=True,
+                          capture_output=True, text=True)
+    assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

@@ -26,7 +26,8 @@ RESNET50_TENSORS = 161
 TARGETS = {"allreduce 100M, 2 ranks": 2.5, "allreduce 1K, 2 ranks": 5.0, "DDP step, 2 ranks": 2.0}
 
 
-def _bytes(size: str) -> int:
+def parse_size(size: str) -> int:
+    """Bytes of a size written like 4K, 100M or 1G (powers of 1024), or a plain number."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(float(size[:-1]) * units[size[-1]]) if size[-1] in units else int(size)
 
@@ -102,7 +103,7 @@ def _worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     result: dict[str, object] = {"allreduce_s": {}}
     for size in args.sizes.split(","):
-        tensor = torch.ones(max(1, _bytes(size) // 4))
+        tensor = torch.ones(max(1, parse_size(size) // 4))
         result["allreduce_s"][size] = _time_allreduce(torch, dist, tensor, args.seconds)
         del tensor
     result["ddp_step_s"] = _time_ddp_step(torch, dist, args.ddp_steps)
@@ -156,7 +157,7 @@ def _report(results: dict, backends: list[str], worlds: list[int], sizes: list[s
             row = f"{world:>5} {size:>6} "
             for b in backends:
                 t = results[b][str(world)]["allreduce_s"][size]
-                busbw = _bytes(size) * 2 * (world - 1) / world / t / 1e9
+                busbw = parse_size(size) * 2 * (world - 1) / world / t / 1e9
                 row += f" {t * 1e6:>12.1f} {busbw:>11.2f}"
             if compare:
                 times = {b: results[b][str(world)]["allreduce_s"][size] for b in (base, fast)}
@@ -185,8 +186,16 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         return _worker(args)
     backends = args.backends.split(",")
-    worlds = [int(w) for w in args.worlds.split(",")]
     sizes = args.sizes.split(",")
+    try:
+        worlds = [int(w) for w in args.worlds.split(",")]
+        [parse_size(s) for s in sizes]
+        if args.ddp_steps < 1 or args.seconds <= 0 or min(worlds) < 2:
+            raise ValueError
+    except ValueError:
+        print("ipex-lars bench comm: error: --worlds takes rank counts >= 2 (e.g. 2,4), --sizes sizes like "
+              "1K,4M, --ddp-steps a count >= 1 and --seconds a time > 0", file=sys.stderr)
+        return 2
     results: dict[str, dict[str, dict]] = {b: {} for b in backends}
     for world in worlds:
         for b in backends:
