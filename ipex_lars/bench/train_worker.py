@@ -33,15 +33,12 @@ def measure(spec: dict) -> dict:
     image_size, num_classes = MODEL_INPUTS[spec["model"]]
     image_size = spec.get("image_size") or image_size
     steps, warmup = spec["steps"], spec["warmup"]
-    probe = TrainConfig(progress=False, dist_backend=spec.get("dist_backend", "auto"))
-    rank, world, started = init_distributed(probe)
+    rank, world, started = init_distributed(TrainConfig())  # oneccl when launched as several ranks
     global_batch = spec["batch"] * world
     cfg = TrainConfig(model=spec["model"], data="synthetic", image_size=image_size, num_classes=num_classes,
                       num_samples=global_batch * (steps + warmup), epochs=1, global_batch=global_batch,
                       optimizer=spec["optimizer"], lr=0.1, warmup_epochs=0, precision=spec["precision"],
-                      channels_last=spec["layout"] == "channels_last", backend=spec["backend"],
-                      overlap_optimizer=spec.get("overlap_optimizer", False) and world > 1,
-                      dist_backend=probe.dist_backend, progress=False)
+                      channels_last=spec["layout"] == "channels_last", backend=spec["backend"], progress=False)
     train_data, _ = synthetic(cfg.num_samples, image_size, num_classes=num_classes, seed=0)
     torch.manual_seed(0)
     model, optimizer = build_model(cfg, num_classes)
