@@ -46,6 +46,8 @@ class TrainConfig:
     impl: str = _opt("auto", "LARS implementation", ("auto", "fused", "foreach", "reference"))
     overlap_optimizer: bool = _opt(False, "with several ranks, run LARS on each gradient bucket as soon as its allreduce "
                                    "completes, during backward (same weights; a non-finite bucket is skipped alone)")
+    bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size in MB: smaller buckets start allreduce (and, with "
+                                     "overlap_optimizer, LARS) earlier in backward, at more messages per step")
     dist_backend: str = _opt("auto", "torch.distributed backend for multi-rank runs (auto: oneccl, else gloo)",
                              ("auto", "oneccl", "gloo", "ccl"))
     seed: int = _opt(0, "seed of initialisation, data order and dropout")
@@ -71,6 +73,8 @@ class TrainConfig:
         if self.overlap_optimizer and self.backend == "ipex" and self.precision == "bf16":
             raise ValueError("overlap_optimizer cannot update IPEX's bf16 master weights, which change only in "
                              "optimizer.step(); use backend native for bf16, precision fp32, or drop it")
+        if self.bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {self.bucket_cap_mb}")
         if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ValueError("lr, weight_decay and warmup_epochs must be >= 0")
 

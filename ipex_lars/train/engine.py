@@ -86,7 +86,7 @@ def wrap_model(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCon
     if world == 1:
         return model, None
     # gradients live in DDP's buckets, where the optimizer reads the averaged values in place
-    model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, bucket_cap_mb=cfg.bucket_cap_mb)
     return model, GradientSync(model, optimizer if cfg.overlap_optimizer else None, cfg.skip_nonfinite)
 
 
@@ -162,7 +162,7 @@ def train(cfg: TrainConfig) -> dict:
             saved_step = step
         return saved_path
 
-    metrics = MetricsLog(out, resumed_at=step if resume_from else None) if rank == 0 else None
+    metrics = MetricsLog(out, resumed_at=step) if rank == 0 else None  # a fresh run drops a crashed run's lines
     timings = dict.fromkeys(PHASES, 0.0)
     skipped = bad_images = 0
     batches = None

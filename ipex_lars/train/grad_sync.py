@@ -4,14 +4,20 @@ Without overlap the hook does what DDP does by default (average each bucket with
 allreduce) and notes when the last bucket was handed over, so the engine can split
 the backward pass into compute and the allreduce time it did not hide.
 
-With ``overlap_optimizer`` the hook also runs LARS on a bucket's parameters as soon
-as that bucket's allreduce completes, while backward still computes the earlier
-layers' gradients. DDP buckets hold whole parameters, so each layer's trust ratio
-sees its whole averaged gradient and the weights equal those of a separate step.
+With an optimizer the hook also runs LARS on a bucket's parameters as soon as that
+bucket's allreduce completes, while backward still computes the earlier layers'
+gradients. DDP buckets hold whole parameters, so each layer's trust ratio sees its
+whole averaged gradient and the weights equal those of a separate step. The updates
+run on one optimizer thread, in bucket order: not on the communication library's
+thread (oneccl completes every allreduce on one thread, which would then wait for
+LARS before starting the next bucket), and never two at once (gloo completes
+allreduces from several threads).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 
 import torch
@@ -28,30 +34,45 @@ class GradientSync:
     """The allreduce hook of one DDP model, with the state the engine reads after backward."""
 
     def __init__(self, model: nn.parallel.DistributedDataParallel, optimizer=None, skip_nonfinite: bool = True):
-        self.world = dist.get_world_size()
+        if optimizer is not None and not model.gradient_as_bucket_view:
+            raise ValueError("stepping buckets needs DDP(..., gradient_as_bucket_view=True): only then are the "
+                             "parameters' .grad the averaged bucket values when the allreduce completes")
+        self.group = model.process_group
+        self.world = self.group.size()
         self.optimizer = optimizer  # set: step each bucket's parameters after its allreduce
         self.skip_nonfinite = skip_nonfinite
         self.last_handoff = 0.0  # perf_counter() when the last bucket went to allreduce
         self.skipped_buckets = 0  # buckets whose gradients were not finite, left unstepped
         self.stepped_buckets = 0  # buckets the optimizer updated from this hook, over the run
+        if optimizer is not None:
+            self._work: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=self._step_buckets, name="ipex-lars-bucket-optimizer", daemon=True).start()
         model.register_comm_hook(None, self._hook)
 
     def _hook(self, _state, bucket):  # unannotated: DDP rejects string annotations of a hook
         buffer = bucket.buffer()
         buffer.div_(self.world)
-        future = dist.all_reduce(buffer, async_op=True).get_future()
+        future = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
         self.last_handoff = time.perf_counter()
         if self.optimizer is None:
             return future.then(lambda done: done.value()[0])
-        params = bucket.parameters()
+        stepped: torch.futures.Future = torch.futures.Future()
+        item = (bucket.parameters(), bucket.gradients(), buffer, stepped)
+        future.add_done_callback(lambda done: self._work.put((done, *item)))
+        return stepped
 
-        def step_bucket(done: torch.futures.Future) -> torch.Tensor:
-            reduced = done.value()[0]
-            if self.skip_nonfinite and not grads_finite(bucket.gradients()):
-                self.skipped_buckets += 1
+    def _step_buckets(self) -> None:
+        """The optimizer thread: steps each reduced bucket, then tells DDP the bucket is done."""
+        while True:
+            done, params, grads, buffer, stepped = self._work.get()
+            try:
+                done.value()  # raises if the allreduce failed
+                if self.skip_nonfinite and not grads_finite(grads):
+                    self.skipped_buckets += 1
+                else:
+                    self.optimizer.step_params(params)
+                    self.stepped_buckets += 1
+            except Exception as exc:  # noqa: BLE001 - handed to DDP, which raises it in backward()
+                stepped.set_exception(exc)
             else:
-                self.optimizer.step_params(params)
-                self.stepped_buckets += 1
-            return reduced
-
-        return future.then(step_bucket)
+                stepped.set_result(buffer)

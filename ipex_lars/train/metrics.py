@@ -14,13 +14,13 @@ CSV_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_second", *(f"{p}_secon
 class MetricsLog:
     """``metrics-rank0.jsonl`` (every field) and ``metrics.csv`` (the scalars, one column each) in ``out``.
 
-    A resumed run first forgets the lines of steps after its checkpoint, which it logs again.
+    A run starting at step ``resumed_at`` first forgets the lines of later steps, which it logs
+    again (all of them for a fresh run, at step 0).
     """
 
-    def __init__(self, out: Path, resumed_at: int | None = None) -> None:
+    def __init__(self, out: Path, resumed_at: int = 0) -> None:
         self.jsonl_path, self.csv_path = out / "metrics-rank0.jsonl", out / "metrics.csv"
-        if resumed_at is not None:
-            self._rewind(resumed_at)
+        self._rewind(resumed_at)
         new_csv = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
         self._jsonl = open(self.jsonl_path, "a")
         self._csv_file = open(self.csv_path, "a", newline="")
@@ -46,6 +46,6 @@ class MetricsLog:
             with open(self.csv_path, newline="") as f:
                 rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
             with open(self.csv_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, CSV_COLUMNS)
+                writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows)
