@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
 import sys
 
 # subcommand -> module with add_arguments(parser) and run(args) -> exit code
@@ -55,9 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         return importlib.import_module(args._module).run(args)
-    except BrokenPipeError:  # output piped into `head` and the like, which stopped reading
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # output piped into `head` and the like, which stopped reading: end quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141
+
+
+def _stdout_closed() -> bool:
+    """Whether nobody reads our standard output any more (a pipe whose reader exited)."""
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
 if __name__ == "__main__":

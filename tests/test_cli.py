@@ -60,7 +60,7 @@ def test_bench_rejects_an_unknown_parameter_set():
     assert "unknown set(s) vgg" in out.stdout
 
 
-@pytest.mark.parametrize("args", [["--ddp-steps", "0"], ["--sizes", "4Q"], ["--worlds", "1"]])
+@pytest.mark.parametrize("args", [["--ddp-steps", "0"], ["--sizes", "4Q"], ["--sizes", "1K,"], ["--worlds", "1"]])
 def test_bench_comm_rejects_bad_arguments_before_starting_ranks(args):
     out = _run("bench", "comm", *args)
     assert out.returncode == 2 and "--ddp-steps a count >= 1" in out.stderr and "Traceback" not in out.stderr

@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         [parse_size(s) for s in sizes]
         if args.ddp_steps < 1 or args.seconds <= 0 or min(worlds) < 2:
             raise ValueError
-    except ValueError:
+    except (ValueError, IndexError):
         print("ipex-lars bench comm: error: --worlds takes rank counts >= 2 (e.g. 2,4), --sizes sizes like "
               "1K,4M, --ddp-steps a count >= 1 and --seconds a time > 0", file=sys.stderr)
         return 2

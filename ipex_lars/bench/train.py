@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed steps first, for allocation, prepacking and compilation (default 2)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds over all configurations; figures are medians over rounds (default 1)")
+                        help="rounds over all configurations; each figure is the median round's (the lower "
+                             "middle one for an even count) (default 1)")
     parser.add_argument("--stacks", type=_csv(str, ("ipex", "native")),
                         help="run on these project stacks (.venv-STACK), alternating; default: this Python")
     parser.add_argument("--ranks", type=int, default=1,
@@ -157,9 +158,9 @@ def run(args: argparse.Namespace) -> int:
         row = {**{k: v for k, v in spec.items() if k not in ("steps", "warmup")}, "stack": stack or "current",
                "ranks": ranks, "label": _label(spec), "runs": len(measured[i])}
         if ok:
-            best = min(ok, key=lambda m: abs(m["images_per_second"] - statistics.median(
-                x["images_per_second"] for x in ok)))  # the run at the median, with its own breakdown
-            row.update({k: best[k] for k in ("images_per_second", "step_ms", "phase_ms", "peak_rss_mb",
+            middle = statistics.median_low([m["images_per_second"] for m in ok])  # a real run's figure
+            chosen = next(m for m in ok if m["images_per_second"] == middle)  # with its own breakdown
+            row.update({k: chosen[k] for k in ("images_per_second", "step_ms", "phase_ms", "peak_rss_mb",
                                              "global_batch", "optimizer_impl", "threads", "torch")})
         else:
             row["error"] = measured[i][-1]["error"]

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compute = parser.add_argument_group("compute")
     compute.add_argument("--throughput", type=float, metavar="IMG_S", help="training images/s of one node alone")
     compute.add_argument("--from-bench", metavar="FILE.json", help="take the best images_per_second for the model "
-                                                                   "from an `ipex-lars bench train --json` file")
+                                                                   "from the results.json of `ipex-lars bench train`")
     compute.add_argument("--nodes", help="node count, or a list (1,2,4,8) for a scaling table")
     compute.add_argument("--ranks-per-node", type=int, help="ranks per node; they share the node's throughput "
                                                             "and bandwidth (default 1)")

@@ -51,7 +51,7 @@ def _read_json(path: str, what: str, fix: str) -> dict:
 
 def read_bench_throughput(path: str, model: str) -> float:
     """Best ``images_per_second`` for ``model`` in a ``bench train`` JSON: {"results": [{...}, ...]}."""
-    fix = "pass a file written by `ipex-lars bench train --json`, or give --throughput IMG_S"
+    fix = "pass a file written by `ipex-lars bench train` (its --out folder's results.json), or give --throughput IMG_S"
     rows = _read_json(path, "benchmark file", fix).get("results")
     if not isinstance(rows, list):
         raise PlanError(f"benchmark file {path} has no \"results\" list; {fix}")
