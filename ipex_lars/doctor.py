@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def _cpu() -> dict:
+def cpu_info() -> dict:
+    """The CPU's model name, its vector ISA flags, and the ISA our kernels are built for."""
     from ipex_lars.ext import cpu_isa
 
     model, flags = platform.processor() or "unknown", set()
@@ -89,7 +90,7 @@ def collect() -> dict:
         "stack": "ipex" if versions["intel-extension-for-pytorch"] else "native",
         "versions": versions,
         "ipex_imports": ipex_loads,
-        "cpu": _cpu(),
+        "cpu": cpu_info(),
         "topology": _topology(),
         "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "extensions": _extensions(),

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from cli_runner import SCRIPT, run_cli
+from dist_workers import harness
 from ipex_lars.train import checkpoint
 from ipex_lars.train.config import TrainConfig, load_config
 from ipex_lars.train.engine import train
@@ -119,23 +119,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == step + 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(*args: str) -> tuple[dict, list[str]]:
     """Run `ipex-lars train ARGS` as 2 ranks (torchrun-style variables); return rank 0's result, their stderr."""
-    port = str(_free_port())
-    procs = [subprocess.Popen([str(SCRIPT), "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r),
-                                              "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-             for r in range(2)]
-    outs, errs = zip(*(p.communicate(timeout=300) for p in procs))
-    assert [p.returncode for p in procs] == [0, 0], errs
-    return json.loads(outs[0].strip().splitlines()[-1]), list(errs)
+    ranks = harness.torchrun_command([str(SCRIPT), "train", *args], world=2, timeout=300)
+    assert [r.rc for r in ranks] == [0, 0], harness.describe(ranks)
+    return json.loads(ranks[0].out.strip().splitlines()[-1]), [r.err for r in ranks]
 
 
 @pytest.mark.slow

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
+
+from ipex_lars.doctor import cpu_info
 
 TARGETS = {"best ResNet-50 configuration vs the plain baseline": 2.5,
            "native stack's best vs the ipex stack's best": 0.95}
@@ -15,16 +16,6 @@ TARGETS = {"best ResNet-50 configuration vs the plain baseline": 2.5,
 
 def _key(row: dict, ranks: int | None = None) -> tuple:
     return row["stack"], row["model"], row["batch"], ranks or row["ranks"]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -117,7 +108,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "chart.png").unlink(missing_ok=True)  # never leave an older run's chart next to these results
-    doc = {"command": " ".join(["ipex-lars", *sys.argv[1:]]), "cpu": _cpu(), "cpus": len(os.sched_getaffinity(0)),
+    doc = {"command": " ".join(["ipex-lars", *sys.argv[1:]]), "cpu": cpu_info()["model"],
+           "cpus": len(os.sched_getaffinity(0)),
            "load_average": os.getloadavg(), "results": rows, **summary}
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     _chart(rows, out / "chart.png")

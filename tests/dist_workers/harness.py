@@ -53,13 +53,18 @@ def _finish(procs: list[subprocess.Popen], timeout: float) -> list[Rank]:
 def torchrun_style(script: str, args: list[str], world: int, ranks: list[int] | None = None,
                    timeout: float = 120, **extra: str) -> list[Rank]:
     """Start `ranks` (default all) of a `world`-rank job with torchrun's variables; one Rank per process."""
+    return torchrun_command([sys.executable, str(WORKERS / script), *args], world, ranks, timeout, **extra)
+
+
+def torchrun_command(command: list[str], world: int, ranks: list[int] | None = None, timeout: float = 120,
+                     **extra: str) -> list[Rank]:
+    """Start `command` as `ranks` (default all) of a `world`-rank job with torchrun's variables."""
     port = str(free_port())
     procs = []
     for r in range(world) if ranks is None else ranks:
         env = base_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra)
-        procs.append(subprocess.Popen([sys.executable, str(WORKERS / script), *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        procs.append(subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return _finish(procs, timeout)
 
 
