@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from affinity.machine import ISAS, this_machine
+
 CSRC = Path(__file__).parent / "csrc"
 
 
@@ -40,17 +42,24 @@ class ExtensionSpec:
     needs: tuple[str, ...] = field(default=())  # human-readable prerequisites, for errors
 
 
-def cpu_isa() -> str:
-    """The best vector ISA this CPU offers that ATen's ``at::vec`` can target."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return "default"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
-        return "avx512"
-    if {"avx2", "fma"} <= set(flags):
-        return "avx2"
-    return "default"
+def kernel_isa() -> str:
+    """The vector ISA to build and load kernels for: ``IPEX_LARS_ISA`` if set, else the CPU's best.
+
+    The override (``avx512``, ``avx2`` or ``default``) builds and runs a lower ISA's path on a
+    machine that has a higher one, so every path is tested anywhere. An ISA the CPU cannot
+    execute is refused rather than crashing with an illegal instruction.
+    """
+    cpu = this_machine().cpu
+    wanted = os.environ.get("IPEX_LARS_ISA", "").strip().lower()
+    if not wanted:
+        return cpu.vector_isa
+    if wanted not in ISAS:
+        raise ExtensionBuildError(f"IPEX_LARS_ISA={wanted!r} is not one of {', '.join(ISAS)}; unset it to use "
+                                  f"the CPU's best ({cpu.vector_isa})")
+    if wanted not in cpu.isas():
+        raise ExtensionBuildError(f"IPEX_LARS_ISA={wanted}: this CPU cannot execute it (it can: "
+                                  f"{', '.join(cpu.isas())}); unset it or pick one of those")
+    return wanted
 
 
 _ISA_FLAGS = {
@@ -71,11 +80,16 @@ def _ldflags(spec: ExtensionSpec) -> list[str]:
     return ["-fopenmp", *spec.extra_ldflags]
 
 
-def build_dir(spec: ExtensionSpec) -> Path:
-    """Where this extension's build for this torch, ISA and source lives."""
+def module_name(spec: ExtensionSpec, isa: str) -> str:
+    """One module per ISA, so builds for several ISAs can be loaded side by side (tests do)."""
+    return f"{spec.name}_{isa}"
+
+
+def build_dir(spec: ExtensionSpec, isa: str | None = None) -> Path:
+    """Where this extension's build for this torch, ISA (default: ``kernel_isa()``) and source lives."""
     import torch
 
-    isa = cpu_isa()
+    isa = isa or kernel_isa()
     digest = hashlib.sha256()
     for src in spec.sources:
         digest.update((CSRC / src).read_bytes())
@@ -87,8 +101,10 @@ def build_dir(spec: ExtensionSpec) -> Path:
     return root / f"{spec.name}-torch{torch.__version__}-{isa}-{digest.hexdigest()[:12]}"
 
 
-def _library_path(spec: ExtensionSpec) -> Path:
-    return build_dir(spec) / f"{spec.name}.so"  # the name torch.utils.cpp_extension gives it
+def library_path(spec: ExtensionSpec, isa: str | None = None) -> Path:
+    """The built library (the name torch.utils.cpp_extension gives it)."""
+    isa = isa or kernel_isa()
+    return build_dir(spec, isa) / f"{module_name(spec, isa)}.so"
 
 
 def _check_toolchain(spec: ExtensionSpec) -> None:
@@ -115,9 +131,10 @@ def _check_toolchain(spec: ExtensionSpec) -> None:
                 f"{', '.join(spec.needs) or 'its dependencies'} (env/setup.sh installs them).")
 
 
-def build(spec: ExtensionSpec, verbose: bool = False) -> Path:
+def build(spec: ExtensionSpec, verbose: bool = False, isa: str | None = None) -> Path:
     """Compile the extension if this torch/ISA/source has no build yet; return the library path."""
-    lib = _library_path(spec)
+    isa = isa or kernel_isa()
+    lib = library_path(spec, isa)
     if lib.exists():
         return lib
     _check_toolchain(spec)
@@ -131,9 +148,9 @@ def build(spec: ExtensionSpec, verbose: bool = False) -> Path:
                                   "IPEX_LARS_BUILD_DIR to a writable folder") from None
     try:
         cpp_extension.load(
-            name=spec.name,
+            name=module_name(spec, isa),
             sources=[str(CSRC / s) for s in spec.sources],
-            extra_cflags=_cflags(spec, cpu_isa()),
+            extra_cflags=_cflags(spec, isa),
             extra_include_paths=list(spec.extra_include_paths),
             extra_ldflags=_ldflags(spec),
             build_directory=str(out),
@@ -149,13 +166,19 @@ def build(spec: ExtensionSpec, verbose: bool = False) -> Path:
     return lib
 
 
+def load(spec: ExtensionSpec, isa: str | None = None) -> ModuleType:
+    """Import the extension for ``isa`` (default: ``kernel_isa()``), building it first if needed
+    (normally done by env/setup.sh)."""
+    return _load(spec, isa or kernel_isa())
+
+
 @functools.cache
-def load(spec: ExtensionSpec) -> ModuleType:
-    """Import the extension, building it first if needed (normally done by env/setup.sh)."""
+def _load(spec: ExtensionSpec, isa: str) -> ModuleType:
     import torch  # noqa: F401  (the library links against libtorch, which must be loaded first)
 
-    lib = build(spec)
-    module_spec = importlib.util.spec_from_file_location(spec.name, lib)
+    lib = build(spec, isa=isa)
+    name = module_name(spec, isa)
+    module_spec = importlib.util.spec_from_file_location(name, lib)
     if module_spec is None or module_spec.loader is None:
         raise ExtensionBuildError(f"{lib} is not a loadable Python extension")
     module = importlib.util.module_from_spec(module_spec)
@@ -164,5 +187,5 @@ def load(spec: ExtensionSpec) -> ModuleType:
     except ImportError as exc:
         raise ExtensionBuildError(
             f"{lib} failed to load: {exc}. Remove {lib.parent} and run `ipex-lars build`.") from exc
-    sys.modules[spec.name] = module
+    sys.modules[name] = module
     return module

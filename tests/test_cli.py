@@ -28,7 +28,9 @@ def test_doctor_json_reports_stack_cpu_topology_and_extensions():
         expected_stack = "native"
     assert report["stack"] == expected_stack
     assert report["versions"]["torch"]
-    assert set(report["cpu"]["isa"]) == {"AVX2", "AVX-512", "AVX512-BF16", "AMX-BF16"}
+    assert {"AVX2", "AVX512F", "AVX512_BF16", "AMX_BF16", "AVX_NE_CONVERT"} <= set(report["cpu"]["features"])
+    assert report["cpu"]["kernel_isa"] == report["cpu"]["buildable_isas"][0]
+    assert report["cpu"]["memory_nodes"], "no NUMA memory node reported"
     assert report["topology"]["logical_cpus"] >= len(os.sched_getaffinity(0))
     assert report["extensions"]["_ipex_lars_fused_lars"]["loads"] is True
     assert report["verdict"].startswith("OK")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from affinity.machine import this_machine
 from cli_runner import SCRIPT, run_cli
 from dist_workers import harness
 from ipex_lars.train import checkpoint
@@ -55,6 +56,13 @@ def test_each_model_trains_a_few_steps_on_synthetic_data(tmp_path, model, size):
     assert result["steps"] == 2 and result["skipped_steps"] == 0
     state = _weights(checkpoint.all_checkpoints(tmp_path)[-1])
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_precision_auto_is_resolved_for_this_cpu_printed_and_recorded(tmp_path, capsys):
+    train(_cfg(tmp_path, precision="auto", max_steps=1))
+    expected = "bf16" if this_machine().cpu.native_bf16 else "fp32"
+    assert f"precision auto -> {expected}: " in capsys.readouterr().out
+    assert checkpoint.load(checkpoint.all_checkpoints(tmp_path)[-1])["config"]["precision"] == expected
 
 
 def test_non_finite_gradients_skip_the_step_and_are_counted(tmp_path):
@@ -175,6 +183,10 @@ def test_overlap_skips_buckets_with_non_finite_gradients(tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_ipex_backend_trains_and_resumes_exactly(tmp_path, precision):
     pytest.importorskip("intel_extension_for_pytorch", reason="IPEX is only in the ipex stack")
+    missing = this_machine().cpu.ipex_bf16_missing()
+    if precision == "bf16" and missing:
+        pytest.skip(f"IPEX's bf16 weight prepack needs {missing[0]}, which this CPU lacks "
+                    "(the refusal is tested in test_machine.py)")
     kw = dict(backend="ipex", precision=precision, epochs=3, checkpoint_every=1)
     train(_cfg(tmp_path / "a", **kw))
     train(_cfg(tmp_path / "b", max_steps=3, **kw))

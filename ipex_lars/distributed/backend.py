@@ -51,7 +51,7 @@ EXTENSIONS: list[ext.ExtensionSpec] = [SPEC] if unavailable_reason() is None els
 
 def is_built() -> bool:
     """True when the extension is compiled for this torch and CPU, so loading it needs no compiler."""
-    return (ext.build_dir(SPEC) / f"{SPEC.name}.so").exists()
+    return ext.library_path(SPEC).exists()
 
 
 def load() -> ModuleType:

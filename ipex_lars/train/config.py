@@ -39,7 +39,8 @@ class TrainConfig:
     poly_power: float = _opt(2.0, "power of the polynomial decay after warmup")
     end_lr: float = _opt(0.0, "learning rate at the end of training")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
-    precision: str = _opt("fp32", "compute precision", ("fp32", "bf16"))
+    precision: str = _opt("fp32", "compute precision; auto: bf16 where the CPU computes it natively "
+                          "(AVX512_BF16, AVX_NE_CONVERT, AMX), else fp32", ("auto", "fp32", "bf16"))
     channels_last: bool = _opt(False, "use the channels-last memory format")
     backend: str = _opt("native", "execution backend: eager PyTorch, ipex.optimize (ipex stack), or torch.compile",
                         ("native", "ipex", "compile"))

@@ -22,7 +22,7 @@ import ipex_lars.distributed as ild
 from ipex_lars.data import BatchPlan, build_datasets, epoch_batches, eval_batches
 from ipex_lars.models import create_model
 from ipex_lars.optim import LARS, WarmupPolyLR, lars_param_groups
-from ipex_lars.train import checkpoint
+from ipex_lars.train import checkpoint, precision
 from ipex_lars.train.config import TrainConfig
 from ipex_lars.train.grad_sync import GradientSync, grads_finite
 from ipex_lars.train.metrics import PHASES, MetricsLog
@@ -114,7 +114,9 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training ``cfg`` describes; return the final metrics."""
+    cfg, precision_note = precision.choose(cfg)
     rank, world, joined = init_distributed(cfg)
+    _log(rank, precision_note)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_data, val_data = build_datasets(cfg.data, seed=cfg.seed, num_samples=cfg.num_samples,
