@@ -1,4 +1,4 @@
-"""Pinning plans: which cores, NUMA node and oneCCL worker cores each instance/rank gets.
+"""Pinning plans: which cores, NUMA node, memory node(s) and oneCCL worker cores each instance/rank gets.
 
 Guarantees (tested): never a CPU outside the allowed set, never one core for two ranks,
 never a rank across NUMA nodes when its cores fit in one; every deviation from the
@@ -7,9 +7,10 @@ ideal layout is explained by one line in ``notes``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from affinity.cpuset import format_cpulist
+from affinity.machine import Machine
 from affinity.topology import Core, Topology
 
 
@@ -36,12 +37,19 @@ class PlanRequest:
 
 @dataclass(frozen=True)
 class RankPlan:
-    """One instance/rank on one machine."""
+    """One instance/rank on one machine.
+
+    ``memory_nodes`` and ``memory_policy`` say where its memory goes: ``membind`` (only those
+    nodes; :func:`make_plan` binds to the rank's own CPU nodes) or ``preferred`` (that node first,
+    others when it is full; see :func:`place_memory`).
+    """
 
     local_rank: int
     numa_nodes: tuple[int, ...]
     cores: tuple[int, ...]
     ccl_worker_cores: tuple[int, ...] = ()
+    memory_nodes: tuple[int, ...] = ()
+    memory_policy: str = "membind"
 
     @property
     def numa_node(self) -> int:
@@ -184,7 +192,7 @@ def make_plan(full: Topology, allowed: set[int], req: PlanRequest) -> NodePlan:
         elif k:
             ccl = cores[-1:]
         order = sorted(set(where), key=lambda x: (-where.count(x), x))
-        ranks.append(RankPlan(i, tuple(order), tuple(cores), tuple(sorted(set(ccl)))))
+        ranks.append(RankPlan(i, tuple(order), tuple(cores), tuple(sorted(set(ccl))), memory_nodes=tuple(order)))
     tpc = max(len(c.threads) for cs in node_cores.values() for c in cs)
     if req.use_logical_cores and chunk % tpc:
         notes.append(f"ranks may share physical cores: {chunk} logical CPUs per rank is not a multiple of "
@@ -200,3 +208,42 @@ def make_plan(full: Topology, allowed: set[int], req: PlanRequest) -> NodePlan:
         notes.append(f"rank(s) {format_cpulist(crowded)}: fewer free cores than the {k} oneCCL workers; "
                      "workers share cores")
     return NodePlan(ranks, full.summary(), format_cpulist(topo.cpu_ids), notes, k)
+
+
+def place_memory(plan: NodePlan, request: str, machine: Machine | None) -> None:
+    """Apply ``--memory-node REQUEST`` to every rank of ``plan`` (``machine`` None: only CPUs are known).
+
+    ``ddr`` keeps the binding to the rank's own CPU nodes. ``hbm`` prefers the CPU-less node
+    (HBM or MCDRAM in flat mode) nearest to the rank's main node; a node number prefers that
+    node. Preferred memory spills to other nodes when full instead of failing. Raises PlanError.
+    """
+    if request == "ddr":
+        return
+    if machine is None:
+        raise PlanError(f"--memory-node {request} needs the machine's memory nodes, which an lscpu file does "
+                        "not list; plan with --machine DIR (`python -m affinity.machine --save DIR` on the target)")
+    if request == "hbm":
+        hbm = machine.memory_only_nodes()
+        if not hbm:
+            why = ("every NUMA node has CPUs (is the memory in cache mode?)" if machine.memory_nodes
+                   else "no NUMA memory nodes are visible")
+            raise PlanError(f"--memory-node hbm: no HBM/MCDRAM node on {machine.source}: {why}; "
+                            "drop --memory-node or use ddr")
+        targets = [machine.nearest_memory_only(r.numa_node) for r in plan.ranks]
+        lost = sorted({r.numa_node for r, t in zip(plan.ranks, targets) if t is None})
+        if lost:
+            raise PlanError(f"--memory-node hbm: CPU node(s) {format_cpulist(lost)} missing from the NUMA node "
+                            f"list of {machine.source}; re-save the machine description")
+        for m in hbm:
+            sharing = targets.count(m.node)
+            if sharing > 1:
+                plan.notes.append(f"{sharing} ranks share HBM/MCDRAM node {m.node} ({m.mem_kb / 2**20:.1f} GiB); "
+                                  "what does not fit there spills to DDR")
+    else:
+        node = int(request)
+        usable = [m.node for m in machine.memory_nodes if m.mem_kb > 0]
+        if node not in usable:
+            raise PlanError(f"--memory-node {node}: no NUMA node {node} with memory on {machine.source} (nodes: "
+                            f"{format_cpulist(usable) or 'none'}); pick one of them, hbm or ddr")
+        targets = [node] * len(plan.ranks)
+    plan.ranks = [replace(r, memory_nodes=(t,), memory_policy="preferred") for r, t in zip(plan.ranks, targets)]

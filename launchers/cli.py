@@ -14,14 +14,15 @@ import sys
 
 from affinity.cpuset import CpuListError, allowed_cpus, format_cpulist, parse_cpulist
 from affinity.env import EnvError, resolve
-from affinity.plan import NodePlan, PlanError, PlanRequest, make_plan
-from affinity.topology import Topology, TopologyError, discover, load_topology
+from affinity.machine import Machine, MachineError, load_machine, this_machine
+from affinity.plan import NodePlan, PlanError, PlanRequest, make_plan, place_memory
+from affinity.topology import Topology, TopologyError, load_topology
 from launchers import local, mpi, slurm, torchrun_env
 from launchers.hostfile import HostfileError, read_hostfile
 from launchers.job import Job, LaunchError
 
 LAUNCHERS = ("local", "mpi", "slurm", "torchrun-env")
-USAGE_ERRORS = (PlanError, TopologyError, HostfileError, EnvError, LaunchError, CpuListError)
+USAGE_ERRORS = (PlanError, TopologyError, MachineError, HostfileError, EnvError, LaunchError, CpuListError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,15 +32,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def memory_node(text: str) -> str:
+    """argparse type of ``--memory-node``: ``hbm``, ``ddr`` or a NUMA node number (normalised)."""
+    if text in ("hbm", "ddr"):
+        return text
+    if text.isascii() and text.isdigit():
+        return str(int(text))
+    raise argparse.ArgumentTypeError(f"{text!r} is not hbm, ddr or a NUMA node number")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lars-run", description=(
         "Run PROGRAM as pinned instances (one per NUMA node by default) on this machine, or as "
         "ranks on several nodes via Intel MPI, Slurm or torchrun-style env. Each rank gets its own "
-        "physical cores, memory on its NUMA node, OMP_NUM_THREADS and affinity variables, and "
-        "(multi-rank) oneCCL worker cores. Use --dry-run --json to see the plan without running."),
+        "physical cores, memory on its NUMA node (or, with --memory-node hbm, on the nearest HBM/MCDRAM "
+        "node), OMP_NUM_THREADS and affinity variables, and (multi-rank) oneCCL worker cores. Use "
+        "--dry-run --json to see the plan without running."),
         epilog="examples:\n  lars-run --ninstances 2 bench.py\n"
                "  lars-run --nnodes 2 --nprocs-per-node 2 --hostfile hosts -m ipex_lars train\n"
-               "  lars-run --dry-run --json --topology xeon.lscpu --nprocs-per-node 2 train.py",
+               "  lars-run --dry-run --json --topology xeon.lscpu --nprocs-per-node 2 train.py\n"
+               "  lars-run --memory-node hbm -m ipex_lars train      # Xeon Max / Xeon Phi in flat mode\n"
+               "  lars-run --dry-run --machine max9480 --memory-node hbm train.py\n"
+               "      (max9480/ written on the target by `python -m affinity.machine --save max9480`)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("instances and cores")
     g.add_argument("--ninstances", type=int, help="processes on this machine (default: one per NUMA node)")
@@ -54,12 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one instance per NUMA node using all its cores (the default layout)")
     mode.add_argument("--latency-mode", action="store_true",
                       help="4 cores per instance, as many instances as fit; KMP_BLOCKTIME=0")
-    g.add_argument("--topology", metavar="FILE",
-                   help="plan for the machine described by FILE (`lscpu -p=CPU,CORE,SOCKET,NODE` output) "
-                        "instead of this one; needs --dry-run")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--topology", metavar="FILE",
+                       help="plan for the machine described by FILE (`lscpu -p=CPU,CORE,SOCKET,NODE` output) "
+                            "instead of this one; CPUs only, no memory nodes; needs --dry-run")
+    where.add_argument("--machine", metavar="DIR",
+                       help="plan for the machine described in DIR (its CPUs and its NUMA memory nodes, "
+                            "HBM/MCDRAM included), as `python -m affinity.machine --save DIR` writes it on "
+                            "that machine; needs --dry-run")
     g.add_argument("--allowed-cpus", metavar="LIST",
                    help="restrict to these CPUs, e.g. 0-15 (default: this process's scheduler mask and "
-                        "cgroup cpuset; with --topology: every CPU in FILE)")
+                        "cgroup cpuset; with --topology/--machine: every CPU described)")
     r = p.add_argument_group("runtime libraries and pinning")
     r.add_argument("--memory-allocator", choices=("auto", "default", "tcmalloc", "jemalloc"), default="auto",
                    help="LD_PRELOAD this allocator, found under versioned names too (auto: tcmalloc, "
@@ -71,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how local processes are pinned: numactl (cores + memory), taskset, sched "
                         "(os.sched_setaffinity before exec), none (OpenMP affinity variables only); "
                         "auto uses the first of numactl, taskset, sched that works here")
+    r.add_argument("--memory-node", type=memory_node, metavar="{hbm,ddr,N}",
+                   help="where each rank's memory goes. hbm: the CPU-less node (HBM of a Xeon Max, MCDRAM "
+                        "of a Xeon Phi, in flat memory mode) nearest to the rank's cores, as numactl "
+                        "--preferred, so what does not fit spills to DDR instead of failing; ddr: only the "
+                        "rank's own NUMA node(s), numactl --membind; N: NUMA node N, preferred. Needs "
+                        "numactl with every launcher (mpi and slurm ranks run under it too) and refuses to "
+                        "run without it. Default: bind to the rank's own nodes when numactl works here "
+                        "(local, torchrun-env), else first touch")
     d = p.add_argument_group("multi-rank / multi-node")
     d.add_argument("--launcher", choices=LAUNCHERS,
                    help="local: independent instances; mpi: mpiexec.hydra (impi-rt); slurm: srun; "
@@ -138,29 +165,58 @@ def _hosts(args: argparse.Namespace, launcher: str) -> list[str]:
     return hosts[:nnodes]
 
 
-def _machine(args: argparse.Namespace) -> tuple[Topology, set[int]]:
-    """The topology to plan for and the CPUs the plan may use."""
-    if args.topology and not args.dry_run:
-        raise LaunchError(f"--topology {args.topology} describes another machine; add --dry-run to see its plan")
+def _machine(args: argparse.Namespace) -> tuple[Machine | None, Topology, set[int]]:
+    """The machine to plan for (None for --topology, which describes CPUs only), its topology,
+    and the CPUs the plan may use."""
+    described = args.machine or args.topology
+    if described and not args.dry_run:
+        flag = "--machine" if args.machine else "--topology"
+        raise LaunchError(f"{flag} {described} describes another machine; add --dry-run to see its plan")
     extra = parse_cpulist(args.allowed_cpus) if args.allowed_cpus else None
-    if args.topology:
-        topo = load_topology(args.topology)
-        return topo, extra if extra is not None else topo.cpu_ids
+    if described:
+        machine = load_machine(args.machine) if args.machine else None
+        topo = machine.topology if machine else load_topology(args.topology)
+        return machine, topo, extra if extra is not None else topo.cpu_ids
     allowed = allowed_cpus()
     if extra is not None and not extra <= allowed:
         raise LaunchError(f"--allowed-cpus {args.allowed_cpus} includes CPUs this process may not use "
                           f"(allowed here: {format_cpulist(allowed)})")
-    return discover(), extra if extra is not None else allowed
+    machine = this_machine()
+    return machine, machine.topology, extra if extra is not None else allowed
+
+
+def _need_numactl(args: argparse.Namespace, plan: NodePlan) -> None:
+    """An explicit --memory-node is refused, not ignored, when numactl cannot place memory here."""
+    why = local.numactl_problem(plan.ranks[0])
+    if why:
+        raise LaunchError(f"--memory-node {args.memory_node} needs numactl to place memory, but numactl {why}; "
+                          "install numactl (apt-get install numactl) or drop --memory-node")
+
+
+def _numactl_on_every_host(args: argparse.Namespace, plan: NodePlan) -> None:
+    """mpi/slurm with --memory-node: every rank runs under numactl; checked here unless planning elsewhere."""
+    described = args.machine or args.topology
+    if described:
+        plan.notes.append(f"--memory-node: ranks run under numactl on every host (not probed: planning for {described})")
+    else:
+        _need_numactl(args, plan)
+        plan.notes.append("--memory-node: ranks run under numactl on every host (checked on this one)")
 
 
 def _binder(args: argparse.Namespace, plan: NodePlan) -> str:
-    """Pinning tool for processes lars-run spawns itself: probed here, assumed for --topology."""
-    if args.topology:
+    """Pinning tool for processes lars-run spawns itself: probed here, assumed for --topology/--machine."""
+    if args.memory_node is not None and args.multi_task_manager in ("taskset", "sched", "none"):
+        raise LaunchError(f"--memory-node {args.memory_node} needs numactl, but --multi-task-manager "
+                          f"{args.multi_task_manager} cannot place memory; use --multi-task-manager numactl or auto")
+    described = args.machine or args.topology
+    if described:
         binder = "numactl" if args.multi_task_manager == "auto" else args.multi_task_manager
-        plan.notes.append(f"pinning tool not probed (planning for {args.topology}): {binder} assumed")
+        plan.notes.append(f"pinning tool not probed (planning for {described}): {binder} assumed")
         return binder
-    first = plan.ranks[0]
-    binder, why = local.detect_binder(args.multi_task_manager, first.cores[0], first.numa_node)
+    if args.memory_node is not None:
+        _need_numactl(args, plan)
+        return "numactl"
+    binder, why = local.detect_binder(args.multi_task_manager, plan.ranks[0])
     plan.notes += why
     return binder
 
@@ -178,7 +234,7 @@ def make_job(args: argparse.Namespace) -> Job:
     if args.node_rank != 0 and launcher != "torchrun-env":
         raise LaunchError("--node-rank only applies to --launcher torchrun-env")
 
-    topo, allowed = _machine(args)
+    machine, topo, allowed = _machine(args)
     ccl = args.ccl_worker_count if args.ccl_worker_count is not None else (0 if launcher == "local" else 1)
     req = PlanRequest(
         ninstances=args.nprocs_per_node or args.ninstances, ncores_per_instance=args.ncores_per_instance,
@@ -187,6 +243,8 @@ def make_job(args: argparse.Namespace) -> Job:
         logical_cores_for_ccl=args.logical_cores_for_ccl,
         mode="latency" if args.latency_mode else "throughput" if args.throughput_mode else None)
     plan = make_plan(topo, allowed, req)
+    if args.memory_node is not None:
+        place_memory(plan, args.memory_node, machine)
     choice = resolve(args.memory_allocator, args.omp_runtime)
     plan.notes += choice.notes
     program = program_argv(args, not args.dry_run and launcher in ("local", "torchrun-env"))
@@ -203,6 +261,9 @@ def make_job(args: argparse.Namespace) -> Job:
             raise LaunchError(f"--node-rank {args.node_rank} is outside 0..{len(hosts) - 1}")
         return torchrun_env.build(plan, hosts, program, choice, binder,
                                   master_addr=master, master_port=args.master_port)
+    bind_memory = args.memory_node is not None
+    if bind_memory:
+        _numactl_on_every_host(args, plan)
     if launcher == "mpi":
         exe = mpi.find_mpiexec(args.mpiexec)
         if exe is None:
@@ -211,10 +272,10 @@ def make_job(args: argparse.Namespace) -> Job:
                                   "pip install impi-rt in this venv, or pass --mpiexec PATH")
             exe = mpi.MPIEXEC
             plan.notes.append("mpiexec.hydra not found here; shown by name")
-        return mpi.build(plan, hosts, program, choice, master_addr=master,
-                         master_port=args.master_port, mpiexec=exe, log_dir=args.log_dir)
+        return mpi.build(plan, hosts, program, choice, master_addr=master, master_port=args.master_port,
+                         mpiexec=exe, log_dir=args.log_dir, bind_memory=bind_memory)
     return slurm.build(plan, hosts, program, choice, master_addr=master, master_port=args.master_port,
-                       nodelist=bool(args.hostfile), log_dir=args.log_dir)
+                       nodelist=bool(args.hostfile), log_dir=args.log_dir, bind_memory=bind_memory)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,8 @@ class RankLaunch:
 @dataclass
 class Job:
     """The whole launch. ``command`` is the single outer command (mpiexec/srun) or None when
-    the launcher spawns each rank itself; ``launch_env`` is added to that outer command's env."""
+    the launcher spawns each rank itself; ``launch_env`` is added to that outer command's env.
+    ``binds_memory``: ranks' memory is placed as their plans say (numactl), else first touch."""
 
     launcher: str
     binder: str
@@ -60,14 +61,23 @@ class Job:
     command: list[str] | None = None
     launch_env: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    binds_memory: bool = False
+
+    def memory(self, rank: RankLaunch) -> tuple[str, tuple[int, ...]]:
+        """(policy, nodes) of the rank's memory: ``membind``/``preferred``, or ``first-touch`` and ()."""
+        if not self.binds_memory:
+            return "first-touch", ()
+        return rank.plan.memory_policy, rank.plan.memory_nodes
 
     def to_dict(self) -> dict:
         nodes = [{"node_rank": i, "host": h, "topology": self.node_plan.topology,
                   "allowed_cpus": self.node_plan.allowed} for i, h in enumerate(self.hosts)]
+        ranks = []
+        for r in self.ranks:
+            policy, mem = self.memory(r)
+            ranks.append(dict(r.to_dict(), memory_policy=policy, memory_nodes=list(mem) if mem else None))
         return {"launcher": self.launcher, "binder": self.binder, "command": self.command,
-                "launch_env": self.launch_env, "nodes": nodes,
-                "ranks": [dict(r.to_dict(), membind=list(r.plan.numa_nodes) if self.binder == "numactl" else None)
-                          for r in self.ranks], "notes": self.notes}
+                "launch_env": self.launch_env, "nodes": nodes, "ranks": ranks, "notes": self.notes}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -75,11 +85,14 @@ class Job:
     def to_text(self) -> str:
         """Human-readable plan for ``--dry-run`` without ``--json``."""
         lines = [f"launcher: {self.launcher}   binder: {self.binder}   hosts: {', '.join(self.hosts)}",
-                 f"{'rank':>4} {'local':>5}  {'host':<16} {'node':>4}  {'cores':<16} {'ccl':<8} command"]
+                 f"{'rank':>4} {'local':>5}  {'host':<16} {'node':>4}  {'cores':<16} {'ccl':<8} "
+                 f"{'memory':<14} command"]
         for r in self.ranks:
+            policy, mem = self.memory(r)
+            memory = f"{policy} {format_cpulist(mem)}".strip()
             lines.append(f"{r.rank:>4} {r.local_rank:>5}  {r.host:<16} "
                          f"{format_cpulist(r.plan.numa_nodes):>4}  {format_cpulist(r.plan.cores):<16} "
-                         f"{format_cpulist(r.plan.ccl_worker_cores) or '-':<8} {' '.join(r.command)}")
+                         f"{format_cpulist(r.plan.ccl_worker_cores) or '-':<8} {memory:<14} {' '.join(r.command)}")
         if self.command:
             lines.append("command: " + " ".join(self.command))
         lines += [f"note: {n}" for n in self.notes]

@@ -3,6 +3,7 @@
 Pinning tool, detected by trying it (containers often lack numactl or forbid
 ``set_mempolicy``): numactl (cores + memory), else taskset (cores), else
 ``os.sched_setaffinity`` in the child before exec (always available on Linux).
+Only numactl binds memory, so ``--memory-node`` needs it (the other launchers use it too).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from affinity.cpuset import format_cpulist
 from affinity.env import EnvChoice, merge_preload, rank_env
-from affinity.plan import NodePlan
+from affinity.plan import NodePlan, RankPlan
 from launchers.job import Job, LaunchError, RankLaunch, make_log_dir
 
 BINDERS = ("auto", "numactl", "taskset", "sched", "none")
@@ -30,27 +31,37 @@ def _works(cmd: list[str]) -> bool:
         return False
 
 
-def detect_binder(choice: str, cpu: int, node: int, path: str | None = None) -> tuple[str, list[str]]:
-    """Resolve ``--multi-task-manager`` by running the tool once on (cpu, node).
+def numactl_problem(rank: RankPlan, path: str | None = None) -> str | None:
+    """Why numactl cannot pin ``rank`` here (``not installed`` / ``fails here ...``), or None when
+    ``numactl <the rank's options> true`` runs. ``path`` replaces $PATH for the lookup (tests use
+    it to offer a numactl that fails the way it does in unprivileged containers)."""
+    exe = shutil.which("numactl", path=path)
+    if exe is None:
+        return "not installed"
+    if not _works([exe, *bind_prefix("numactl", rank)[1:], "true"]):
+        return "fails here (no permission for set_mempolicy, or a node outside this cpuset?)"
+    return None
 
-    Returns (binder, notes). ``path`` replaces $PATH for the lookup (tests use it to offer
-    a numactl that fails the way it does in unprivileged containers).
+
+def detect_binder(choice: str, rank: RankPlan, path: str | None = None) -> tuple[str, list[str]]:
+    """Resolve ``--multi-task-manager`` by running the tool once with ``rank``'s binding.
+
+    Returns (binder, notes); ``path`` as for :func:`numactl_problem`.
     """
     notes: list[str] = []
     if choice in ("sched", "none"):
         return choice, notes
     if choice in ("auto", "numactl"):
-        exe = shutil.which("numactl", path=path)
-        if exe and _works([exe, f"--physcpubind={cpu}", f"--membind={node}", "true"]):
+        why = numactl_problem(rank, path)
+        if why is None:
             return "numactl", notes
-        why = "not installed" if exe is None else "fails here (no permission for set_mempolicy?)"
         if choice == "numactl":
             raise LaunchError(f"--multi-task-manager numactl: numactl {why}; install numactl or use "
                               "--multi-task-manager auto")
         notes.append(f"numactl {why}: pinning cores without memory binding (first touch keeps "
                      "memory local to the pinned threads)")
     exe = shutil.which("taskset", path=path)
-    if exe and _works([exe, "-c", str(cpu), "true"]):
+    if exe and _works([exe, "-c", format_cpulist(rank.cpus), "true"]):
         return "taskset", notes
     if choice == "taskset":
         raise LaunchError("--multi-task-manager taskset: taskset is missing or fails here; install "
@@ -58,12 +69,17 @@ def detect_binder(choice: str, cpu: int, node: int, path: str | None = None) -> 
     return "sched", notes
 
 
-def bind_prefix(binder: str, cpus: tuple[int, ...], nodes: tuple[int, ...]) -> list[str]:
-    """Command prefix that pins to ``cpus`` (and binds memory to ``nodes`` with numactl)."""
+def memory_options(rank: RankPlan) -> list[str]:
+    """numactl options placing the rank's memory: ``--membind=NODES`` or ``--preferred=NODE``."""
+    return [f"--{rank.memory_policy}={format_cpulist(rank.memory_nodes)}"]
+
+
+def bind_prefix(binder: str, rank: RankPlan) -> list[str]:
+    """Command prefix that pins to the rank's CPUs (and, with numactl, places its memory)."""
     if binder == "numactl":
-        return ["numactl", f"--physcpubind={format_cpulist(cpus)}", f"--membind={format_cpulist(nodes)}"]
+        return ["numactl", f"--physcpubind={format_cpulist(rank.cpus)}", *memory_options(rank)]
     if binder == "taskset":
-        return ["taskset", "-c", format_cpulist(cpus)]
+        return ["taskset", "-c", format_cpulist(rank.cpus)]
     return []
 
 
@@ -100,9 +116,10 @@ def build(node_plan: NodePlan, choice: EnvChoice, program: list[str], binder: st
     """Independent instances on this machine (no ranks talking to each other, so no oneCCL env)."""
     ranks = [RankLaunch(r.local_rank, r.local_rank, "localhost", r,
                         rank_env(r, node_plan, choice, ccl=False, latency=latency),
-                        bind_prefix(binder, r.cpus, r.numa_nodes) + program)
+                        bind_prefix(binder, r) + program)
              for r in node_plan.ranks]
-    return Job("local", binder, ["localhost"], node_plan, ranks, notes=list(node_plan.notes))
+    return Job("local", binder, ["localhost"], node_plan, ranks, notes=list(node_plan.notes),
+               binds_memory=binder == "numactl")
 
 
 def run(job: Job, log_dir: str | None) -> int:

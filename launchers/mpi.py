@@ -3,7 +3,8 @@
 Ranks are pinned by ``I_MPI_PIN_DOMAIN`` (one hex mask per local rank, identical on every
 node). The command uses MPMD argument sets, one per rank with ``-host`` and ``-n 1``, so
 variables that differ between ranks (explicit OpenMP affinity lists) travel with ``-env``
-and the rest once with ``-genv``.
+and the rest once with ``-genv``. Intel MPI places no memory; with ``bind_memory`` each
+rank's argument set starts its program under ``numactl --membind/--preferred``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from affinity.env import EnvChoice, merge_preload, mpi_pin_domain, rank_env
 from affinity.plan import NodePlan
 from launchers.job import Job, LaunchError, RankLaunch, make_log_dir
+from launchers.local import memory_options
 
 MPIEXEC = "mpiexec.hydra"
 
@@ -35,17 +37,20 @@ def split_env(envs: list[dict[str, str]]) -> tuple[dict[str, str], list[dict[str
 
 
 def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: EnvChoice, *,
-          master_addr: str, master_port: int, mpiexec: str, log_dir: str | None = None) -> Job:
+          master_addr: str, master_port: int, mpiexec: str, log_dir: str | None = None,
+          bind_memory: bool = False) -> Job:
     """One rank per plan entry on every host, in host order (rank = node * nprocs + local);
-    with ``log_dir`` each rank's stdout+stderr go to ``log_dir/rank_<rank>.log``."""
+    with ``log_dir`` each rank's stdout+stderr go to ``log_dir/rank_<rank>.log``; with
+    ``bind_memory`` each rank runs under numactl placing its memory as its plan says."""
     domain = mpi_pin_domain(node_plan)
     ranks: list[RankLaunch] = []
     for n, host in enumerate(hosts):
         for r in node_plan.ranks:
             env = merge_preload(rank_env(r, node_plan, choice, ccl=True), os.environ.get("LD_PRELOAD"))
             env.update(I_MPI_PIN_DOMAIN=domain, MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+            prefix = ["numactl", *memory_options(r)] if bind_memory else []
             ranks.append(RankLaunch(n * len(node_plan.ranks) + r.local_rank, r.local_rank, host, r,
-                                    env, list(program)))
+                                    env, prefix + program))
     common, own = split_env([r.env for r in ranks])
     command = [mpiexec]
     if log_dir:
@@ -59,12 +64,12 @@ def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: Env
         command += ["-host", rank.host, "-n", "1"]
         for k, v in extra.items():
             command += ["-env", k, v]
-        command += program
+        command += rank.command
     # hydra starts its proxies by name: its own bin directory must be on PATH
     bindir, path = os.path.dirname(mpiexec), os.environ.get("PATH", "")
     launch_env = {"PATH": bindir + os.pathsep + path} if bindir and bindir not in path.split(os.pathsep) else {}
     return Job("mpi", "I_MPI_PIN_DOMAIN", hosts, node_plan, ranks, command, launch_env,
-               list(node_plan.notes))
+               list(node_plan.notes), binds_memory=bind_memory)
 
 
 def run_outer(job: Job, log_dir: str | None = None) -> int:

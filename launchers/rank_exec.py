@@ -3,7 +3,9 @@
 ``python -m launchers.rank_exec PROGRAM [ARGS]`` reads ``LARS_RANK_ENVS`` (a JSON list of
 dicts, one per local rank), picks entry ``SLURM_LOCALID`` (or ``MPI_LOCALRANKID`` /
 ``LOCAL_RANK``), exports it and execs the program, so each rank gets its own affinity
-variables before any OpenMP runtime starts.
+variables before any OpenMP runtime starts. ``LARS_RANK_PREFIXES`` (optional, a JSON list
+of argv lists, one per local rank) puts a command in front of the program, e.g.
+``numactl --preferred=8`` to place that rank's memory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import sys
 
 ENV_VAR = "LARS_RANK_ENVS"
+PREFIX_VAR = "LARS_RANK_PREFIXES"
 LOCAL_RANK_VARS = ("SLURM_LOCALID", "MPI_LOCALRANKID", "LOCAL_RANK")
 
 
@@ -31,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank_exec: local rank {local} has no entry in {ENV_VAR} ({len(envs)} planned); "
               "ranks per node must match --nprocs-per-node", file=sys.stderr)
         return 2
+    prefixes = json.loads(os.environ.pop(PREFIX_VAR, "[]"))
+    if prefixes:
+        argv = prefixes[int(local)] + argv
     os.environ.update(envs[int(local)])
     del os.environ[ENV_VAR]
     try:

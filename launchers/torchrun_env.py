@@ -7,6 +7,8 @@ which has no PMI here, learns its local index from CCL_LOCAL_RANK / CCL_LOCAL_SI
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from affinity.env import EnvChoice, rank_env
 from affinity.plan import NodePlan
 from launchers.job import Job, RankLaunch
@@ -28,13 +30,13 @@ def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: Env
                        MASTER_PORT=str(master_port), CCL_LOCAL_RANK=str(r.local_rank),
                        CCL_LOCAL_SIZE=str(per_node))
             ranks.append(RankLaunch(rank, r.local_rank, host, r, env,
-                                    bind_prefix(binder, r.cpus, r.numa_nodes) + program))
-    return Job("torchrun-env", binder, hosts, node_plan, ranks, notes=list(node_plan.notes))
+                                    bind_prefix(binder, r) + program))
+    return Job("torchrun-env", binder, hosts, node_plan, ranks, notes=list(node_plan.notes),
+               binds_memory=binder == "numactl")
 
 
 def this_node(job: Job, node_rank: int) -> Job:
     """The same job restricted to the ranks of node ``node_rank`` (what this machine spawns)."""
     host = job.hosts[node_rank]
-    mine = [r for r in job.ranks if r.host == host]
-    return Job(job.launcher, job.binder, job.hosts, job.node_plan, mine, notes=job.notes)
+    return replace(job, ranks=[r for r in job.ranks if r.host == host])
 

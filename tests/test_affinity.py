@@ -1,7 +1,9 @@
-"""Topology parsing/discovery, pinning plans on fake machines (data files), env and library lookup."""
+"""Topology parsing/discovery, pinning plans and memory placement on fake machines (data files),
+env and library lookup."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -14,10 +16,12 @@ import pytest
 from affinity.cpuset import (CpuListError, allowed_cpus, cgroup_cpuset, format_cpulist, hex_mask,
                              parse_cpulist)
 from affinity.env import EnvError, find_library, merge_preload, mpi_pin_domain, rank_env, resolve
-from affinity.plan import PlanError, PlanRequest, make_plan
+from affinity.machine import load_machine
+from affinity.plan import PlanError, PlanRequest, make_plan, place_memory
 from affinity.topology import TopologyError, from_lscpu, from_sysfs, load_topology, parse_lscpu
 
 TOPOS = Path(__file__).parent / "data" / "topologies"
+MACHINES = Path(__file__).parent / "data" / "machines"
 NO_LIBS: list[Path] = []
 
 
@@ -150,6 +154,7 @@ def test_plan_invariants(name, req, restricted):
     for r in p.ranks:
         nodes = {node_of[c] for c in r.cpus}
         assert set(r.numa_nodes) == {node_of[c] for c in r.cores}
+        assert (r.memory_nodes, r.memory_policy) == (r.numa_nodes, "membind")
         if len(nodes) > 1:
             assert any("span NUMA nodes" in n for n in p.notes)
     if req.get("ninstances"):
@@ -297,3 +302,76 @@ def test_logical_cores_keep_hyperthread_pairs_together():
     assert [r.cores for r in p.ranks] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11), (12, 13, 14, 15)]
     p = plan("2s4c_ht_physfirst", use_logical_cores=True, ninstances=2, ncores_per_instance=3)
     assert p.ranks[0].cores == (0, 8, 1) and any("share physical cores" in n for n in p.notes)
+
+
+def machine_plan(name: str, request: str | None, **kw):
+    m = load_machine(MACHINES / name)
+    p = make_plan(m.topology, m.topology.cpu_ids, PlanRequest(**kw))
+    if request is not None:
+        place_memory(p, request, m)
+    return p
+
+
+@pytest.mark.parametrize("name,ranks,memory", [
+    ("xeon-phi-7250-flat-quadrant", 4, [(1,)] * 4),
+    ("xeon-max-9480-flat-snc4", 8, [(k + 8,) for k in range(8)]),
+    ("xeon-max-9480-flat-snc4", 2, [(8,), (9,)]),  # SNC4: the first two clusters of socket 0
+])
+def test_hbm_is_the_cpu_less_node_nearest_each_rank(name, ranks, memory):
+    p = machine_plan(name, "hbm", ninstances=ranks)
+    assert [r.memory_nodes for r in p.ranks] == memory
+    assert {r.memory_policy for r in p.ranks} == {"preferred"}
+
+
+def test_hbm_shared_by_several_ranks_is_noted():
+    assert not machine_plan("xeon-max-9480-flat-snc4", "hbm").notes
+    notes = machine_plan("xeon-phi-7250-flat-quadrant", "hbm", ninstances=2).notes
+    assert notes == ["2 ranks share HBM/MCDRAM node 1 (16.0 GiB); what does not fit there spills to DDR"]
+
+
+@pytest.mark.parametrize("name", ["xeon-8160-2s", "xeon-8480-spr-2s", "xeon-max-9480-flat-snc4"])
+def test_ddr_keeps_memory_bound_to_the_ranks_own_nodes(name):
+    p = machine_plan(name, "ddr")
+    assert p.ranks == machine_plan(name, None).ranks
+    assert all((r.memory_nodes, r.memory_policy) == (r.numa_nodes, "membind") for r in p.ranks)
+
+
+def test_a_node_number_is_preferred_by_every_rank():
+    p = machine_plan("xeon-8160-2s", "1")
+    assert [(r.numa_nodes, r.memory_nodes, r.memory_policy) for r in p.ranks] == [
+        ((0,), (1,), "preferred"), ((1,), (1,), "preferred")]
+
+
+@pytest.mark.parametrize("name,request_,match", [
+    ("xeon-8160-2s", "hbm", r"no HBM/MCDRAM node on .*xeon-8160-2s: every NUMA node has CPUs \(is the memory in "
+                            r"cache mode\?\); drop --memory-node or use ddr"),
+    ("epyc-7763-zen3", "hbm", "every NUMA node has CPUs"),
+    ("xeon-8160-2s", "99", r"no NUMA node 99 with memory on .* \(nodes: 0-1\); pick one of them, hbm or ddr"),
+    ("xeon-max-9480-flat-snc4", "16", r"\(nodes: 0-15\)"),
+])
+def test_impossible_memory_requests_name_the_fix(name, request_, match):
+    with pytest.raises(PlanError, match=match):
+        machine_plan(name, request_)
+
+
+def test_hbm_without_any_visible_numa_node_says_so():
+    m = dataclasses.replace(load_machine(MACHINES / "xeon-8160-2s"), memory_nodes=(), source="this machine")
+    p = make_plan(m.topology, m.topology.cpu_ids, PlanRequest())
+    with pytest.raises(PlanError, match="no HBM/MCDRAM node on this machine: no NUMA memory nodes are visible"):
+        place_memory(p, "hbm", m)
+
+
+def test_hbm_for_a_cpu_node_missing_from_the_node_list_asks_for_a_new_description():
+    m = load_machine(MACHINES / "xeon-max-9480-flat-snc4")
+    m = dataclasses.replace(m, memory_nodes=tuple(n for n in m.memory_nodes if n.node != 0))
+    p = make_plan(m.topology, m.topology.cpu_ids, PlanRequest())
+    with pytest.raises(PlanError, match=r"CPU node\(s\) 0 missing from the NUMA node list .*re-save"):
+        place_memory(p, "hbm", m)
+
+
+def test_memory_nodes_need_a_machine_description_not_an_lscpu_file():
+    p = plan("2s4c_noht")
+    place_memory(p, "ddr", None)
+    for request in ("hbm", "0"):
+        with pytest.raises(PlanError, match="plan with --machine DIR"):
+            place_memory(p, request, None)

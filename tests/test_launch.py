@@ -1,5 +1,6 @@
 """lars-run end to end with real subprocesses: local pinned instances, Intel MPI ranks,
-torchrun-style env, the Slurm rank shim, dry-run plans and bad-input errors."""
+torchrun-style env, the Slurm rank shim, dry-run plans (memory nodes of described machines
+included) and bad-input errors."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from launchers.local import detect_binder
+from affinity.machine import this_machine
+from affinity.plan import RankPlan
+from launchers.local import detect_binder, numactl_problem
 
 TOPOS = Path(__file__).parent / "data" / "topologies"
+MACHINES = Path(__file__).parent / "data" / "machines"
 ALLOWED = sorted(os.sched_getaffinity(0))
+FIRST = RankPlan(0, (0,), (ALLOWED[0],), memory_nodes=(0,))  # a rank on the first allowed CPU
 MPIEXEC = Path(sys.executable).parent / "mpiexec.hydra"
 two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 allowed CPUs")
 
@@ -24,16 +29,18 @@ PROBE = """\
 import json, os, sys
 keys = ["OMP_NUM_THREADS", "GOMP_CPU_AFFINITY", "KMP_AFFINITY", "CCL_WORKER_COUNT", "CCL_WORKER_AFFINITY",
         "I_MPI_PIN_DOMAIN", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CCL_LOCAL_RANK", "FROM_PLAN"]
+        "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CCL_LOCAL_RANK", "FROM_PLAN", "FROM_PREFIX"]
 line = json.dumps({"affinity": sorted(os.sched_getaffinity(0)), **{k: os.environ.get(k) for k in keys}})
 sys.stdout.write("PROBE " + line + "\\n")  # one write: ranks share the pipe
 sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 and max(os.sched_getaffinity(0)) == max(%s) else 0)
 """ % (ALLOWED,)
 
 
-def lars_run(*args: str) -> subprocess.CompletedProcess:
+def lars_run(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
+    """``lars-run ARGS`` in a subprocess; ``path`` replaces $PATH (to hide or fake numactl)."""
+    env = dict(os.environ) if path is None else dict(os.environ, PATH=path)
     return subprocess.run([sys.executable, "-m", "launchers", *args], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=env)
 
 
 def probes(text: str) -> list[dict]:
@@ -50,7 +57,7 @@ def probe(tmp_path: Path) -> Path:
 @two_cpus
 @pytest.mark.parametrize("manager", ["auto", "numactl", "taskset", "sched"])
 def test_two_local_instances_each_see_their_own_cores(tmp_path, probe, manager):
-    if manager == "numactl" and detect_binder("auto", ALLOWED[0], 0)[0] != "numactl":
+    if manager == "numactl" and detect_binder("auto", FIRST)[0] != "numactl":
         pytest.skip("numactl missing or not permitted here")
     res = lars_run("--ninstances", "2", "--multi-task-manager", manager, "--log-dir", str(tmp_path / "logs"),
                    str(probe))
@@ -95,11 +102,11 @@ def test_numactl_that_fails_here_falls_back_to_taskset(tmp_path):
     fake.write_text("#!/bin/sh\necho 'set_mempolicy: Operation not permitted' >&2\nexit 1\n")
     fake.chmod(0o755)
     path = f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
-    binder, notes = detect_binder("auto", ALLOWED[0], 0, path=path)
+    binder, notes = detect_binder("auto", FIRST, path=path)
     assert binder in ("taskset", "sched") and "set_mempolicy" in notes[0]
     from launchers.job import LaunchError
     with pytest.raises(LaunchError, match="--multi-task-manager auto"):
-        detect_binder("numactl", ALLOWED[0], 0, path=path)
+        detect_binder("numactl", FIRST, path=path)
 
 
 @two_cpus
@@ -143,11 +150,16 @@ def test_torchrun_env_sets_rank_variables_for_each_local_process(probe):
 
 def test_slurm_rank_shim_exports_its_local_rank_entry(probe):
     envs = json.dumps([{"FROM_PLAN": "zero"}, {"FROM_PLAN": "one"}])
+    prefixes = json.dumps([["env", "FROM_PREFIX=zero"], ["env", "FROM_PREFIX=one"]])
     env = dict(os.environ, LARS_RANK_ENVS=envs, SLURM_LOCALID="1")
     res = subprocess.run([sys.executable, "-m", "launchers.rank_exec", "--", sys.executable, str(probe)],
                          capture_output=True, text=True, env=env, timeout=30)
     assert res.returncode == 0, res.stderr
-    assert probes(res.stdout)[0]["FROM_PLAN"] == "one"
+    assert probes(res.stdout)[0]["FROM_PLAN"] == "one" and probes(res.stdout)[0]["FROM_PREFIX"] is None
+    res = subprocess.run([sys.executable, "-m", "launchers.rank_exec", "--", sys.executable, str(probe)],
+                         capture_output=True, text=True, env=dict(env, LARS_RANK_PREFIXES=prefixes), timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert probes(res.stdout)[0]["FROM_PREFIX"] == "one"  # this local rank's command ran in front
     env["SLURM_LOCALID"] = "2"
     res = subprocess.run([sys.executable, "-m", "launchers.rank_exec", "true"], capture_output=True,
                          text=True, env=env, timeout=30)
@@ -188,8 +200,8 @@ def test_dry_run_plans_slurm_with_cpu_masks():
 
 def test_dry_run_local_plan_binds_memory_with_numactl_on_the_described_machine():
     plan = _plan("--topology", str(TOPOS / "2s4c_ht_pernode.lscpu"), "--ninstances", "4", "x.py")
-    assert [(r["cores"], r["membind"]) for r in plan["ranks"]] == [
-        ([0, 1], [0]), ([2, 3], [0]), ([8, 9], [1]), ([10, 11], [1])]
+    assert [(r["cores"], r["memory_policy"], r["memory_nodes"]) for r in plan["ranks"]] == [
+        ([0, 1], "membind", [0]), ([2, 3], "membind", [0]), ([8, 9], "membind", [1]), ([10, 11], "membind", [1])]
     assert plan["ranks"][2]["command"][:3] == ["numactl", "--physcpubind=8-9", "--membind=1"]
     assert plan["ranks"][2]["env"]["OMP_NUM_THREADS"] == "2"
 
@@ -198,6 +210,120 @@ def test_dry_run_text_lists_ranks():
     res = lars_run("--dry-run", "--topology", str(TOPOS / "4s4c_ht_physfirst.lscpu"), "--latency-mode", "x.py")
     assert res.returncode == 0 and res.stdout.count("numactl --physcpubind=") == 4  # 16 cores / 4
     assert "numactl --physcpubind=12-15 --membind=3" in res.stdout
+    header, rank3 = res.stdout.splitlines()[1], res.stdout.splitlines()[5]
+    assert rank3[header.index("memory"):].startswith("membind 3 ")
+
+
+def _machine(name: str, *args: str) -> dict:
+    return _plan("--machine", str(MACHINES / name), *args, "x.py")
+
+
+def _memory(plan: dict) -> list[tuple]:
+    return [(r["numa_node"], r["memory_policy"], r["memory_nodes"]) for r in plan["ranks"]]
+
+
+def test_xeon_phi_flat_quadrant_ranks_all_prefer_the_mcdram_node():
+    plan = _machine("xeon-phi-7250-flat-quadrant", "--ninstances", "4", "--memory-node", "hbm")
+    assert _memory(plan) == [(0, "preferred", [1])] * 4
+    assert plan["ranks"][3]["command"][:3] == ["numactl", "--physcpubind=51-67", "--preferred=1"]
+    assert any("4 ranks share HBM/MCDRAM node 1 (16.0 GiB)" in n for n in plan["notes"])
+
+
+@pytest.mark.parametrize("launcher", ["local", "torchrun-env", "mpi", "slurm"])
+def test_xeon_max_snc4_rank_on_node_k_prefers_hbm_node_k_plus_8(launcher):
+    plan = _machine("xeon-max-9480-flat-snc4", "--launcher", launcher, "--ninstances", "8", "--memory-node", "hbm")
+    assert _memory(plan) == [(k, "preferred", [k + 8]) for k in range(8)]
+    commands = [r["command"] for r in plan["ranks"]]
+    if launcher in ("local", "torchrun-env"):
+        assert commands[5][:3] == ["numactl", "--physcpubind=70-83", "--preferred=13"]
+    else:  # pinned by I_MPI_PIN_DOMAIN / srun, memory placed by numactl in front of each rank
+        assert [c[:2] for c in commands] == [["numactl", f"--preferred={k + 8}"] for k in range(8)]
+    if launcher == "mpi":
+        assert " -n 1 -env GOMP_CPU_AFFINITY 70-82 numactl --preferred=13 " in " ".join(plan["command"])
+    if launcher == "slurm":
+        assert json.loads(plan["launch_env"]["LARS_RANK_PREFIXES"])[5] == ["numactl", "--preferred=13"]
+
+
+def test_ranks_spanning_nodes_prefer_the_hbm_node_nearest_their_main_node():
+    plan = _machine("xeon-max-9480-flat-snc4", "--ninstances", "2", "--ncores-per-instance", "56",
+                    "--memory-node", "hbm")
+    assert [(r["numa_nodes"], r["memory_nodes"]) for r in plan["ranks"]] == [([0, 1, 2, 3], [8]), ([4, 5, 6, 7], [12])]
+
+
+def test_memory_node_number_is_preferred_by_every_rank():
+    assert _memory(_machine("xeon-max-9480-flat-snc4", "--nodes-list", "0-1", "--memory-node", "12")) == [
+        (0, "preferred", [12]), (1, "preferred", [12])]
+
+
+@pytest.mark.parametrize("extra", [["--memory-node", "ddr"], []])
+def test_ddr_and_the_default_bind_each_rank_to_its_own_nodes(extra):
+    plan = _machine("xeon-8480-spr-2s", *extra)
+    assert _memory(plan) == [(0, "membind", [0]), (1, "membind", [1])]
+    assert plan["ranks"][1]["command"][:3] == ["numactl", "--physcpubind=56-111", "--membind=1"]
+
+
+def test_without_memory_node_mpi_leaves_memory_to_first_touch():
+    plan = _machine("xeon-max-9480-flat-snc4", "--nprocs-per-node", "2")
+    assert _memory(plan) == [(0, "first-touch", None), (1, "first-touch", None)]
+    assert "numactl" not in plan["command"]
+
+
+def test_machine_plan_uses_all_its_cpus_and_shows_the_topology():
+    plan = _machine("xeon-phi-7250-flat-quadrant")
+    topo = plan["nodes"][0]["topology"]
+    assert (topo["physical_cores"], topo["logical_cpus"], topo["threads_per_core"]) == (68, 272, 4)
+    assert plan["nodes"][0]["allowed_cpus"] == "0-271" and plan["ranks"][0]["cores"] == list(range(68))
+
+
+@pytest.mark.parametrize("name", ["xeon-8160-2s", "xeon-8480-spr-2s", "epyc-7763-zen3"])
+def test_hbm_on_a_machine_without_cpu_less_nodes_is_refused(name):
+    res = lars_run("--dry-run", "--json", "--machine", str(MACHINES / name), "--memory-node", "hbm", "x.py")
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.splitlines() == [f"lars-run: error: --memory-node hbm: no HBM/MCDRAM node on {MACHINES / name}: "
+                                       "every NUMA node has CPUs (is the memory in cache mode?); drop --memory-node "
+                                       "or use ddr"]
+
+
+@pytest.mark.parametrize("launcher", ["local", "torchrun-env", "mpi"])
+@pytest.mark.parametrize("numactl,why", [("fails", "fails here"), ("missing", "not installed")])
+def test_memory_node_without_a_working_numactl_is_refused_not_ignored(tmp_path, launcher, numactl, why):
+    """Without --memory-node the plan falls back to pinning CPUs only; with it, lars-run exits 2."""
+    if numactl == "fails":
+        fake = tmp_path / "numactl"
+        fake.write_text("#!/bin/sh\necho 'set_mempolicy: Operation not permitted' >&2\nexit 1\n")
+        fake.chmod(0o755)
+    path = str(tmp_path)  # nothing else on it: the fallback is sched_setaffinity
+    assert lars_run("--dry-run", "--launcher", launcher, "x.py", path=path).returncode == 0
+    res = lars_run("--dry-run", "--launcher", launcher, "--memory-node", "ddr", "x.py", path=path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lars-run: error: --memory-node ddr needs numactl to place "
+                                                   f"memory, but numactl {why}")
+    assert lines[0].endswith("install numactl (apt-get install numactl) or drop --memory-node")
+
+
+HERE_NODE = next((m.node for m in this_machine().memory_nodes if ALLOWED[0] in m.cpus), None)
+
+
+def _numactl_skip_reason() -> str | None:
+    if HERE_NODE is None:
+        return "no NUMA node visible in /sys/devices/system/node"
+    why = numactl_problem(RankPlan(0, (HERE_NODE,), (ALLOWED[0],), memory_nodes=(HERE_NODE,), memory_policy="preferred"))
+    return f"numactl {why} (apt-get install numactl; containers may forbid set_mempolicy)" if why else None
+
+
+@pytest.mark.parametrize("choice,policy", [("N", "preferred node: {n}"), ("ddr", "membind: {n}")])
+def test_memory_node_really_places_memory_here(choice, policy):
+    """A real launch: the rank runs `numactl --show` under the binding lars-run chose."""
+    reason = _numactl_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    res = lars_run("--ninstances", "1", "--memory-node", str(HERE_NODE) if choice == "N" else choice,
+                   "numactl", "--show")
+    assert res.returncode == 0, res.stderr
+    shown = res.stdout.splitlines()
+    assert ("policy: preferred" if choice == "N" else "policy: bind") in shown
+    assert policy.format(n=HERE_NODE) in [line.strip() for line in shown]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -213,6 +339,24 @@ def test_dry_run_text_lists_ranks():
     (["--topology", str(TOPOS / "1s4c_noht.lscpu"), "x.py"], "add --dry-run"),
     (["--allowed-cpus", "0-4095", "x.py"], "includes CPUs this process may not use"),
     (["--launcher", "mpi", "--nnodes", "0", "x.py"], "--nnodes must be >= 1"),
+    (["--dry-run", "--machine", str(MACHINES / "xeon-8160-2s"), "--memory-node", "99", "x.py"],
+     f"no NUMA node 99 with memory on {MACHINES / 'xeon-8160-2s'} (nodes: 0-1)"),
+    (["--dry-run", "--machine", str(MACHINES / "xeon-phi-7250-flat-quadrant"), "--memory-node", "2", "x.py"],
+     "(nodes: 0-1); pick one of them, hbm or ddr"),
+    (["--dry-run", "--memory-node", "4096", "x.py"], "no NUMA node 4096 with memory"),
+    (["--dry-run", "--memory-node", "fast", "x.py"], "'fast' is not hbm, ddr or a NUMA node number"),
+    (["--dry-run", "--memory-node", "-1", "x.py"], "is not hbm, ddr or a NUMA node number"),
+    (["--dry-run", "--topology", str(TOPOS / "1s4c_noht.lscpu"), "--memory-node", "hbm", "x.py"],
+     "plan with --machine DIR"),
+    (["--machine", str(MACHINES / "xeon-8160-2s"), "x.py"], "add --dry-run"),
+    (["--dry-run", "--machine", "/nonexistent", "x.py"], "python -m affinity.machine --save DIR"),
+    (["--dry-run", "--machine", str(MACHINES), "x.py"], "cpuinfo"),
+    (["--dry-run", "--machine", str(MACHINES / "xeon-8160-2s"), "--topology", str(TOPOS / "1s4c_noht.lscpu"),
+      "x.py"], "not allowed with argument"),
+    (["--dry-run", "--multi-task-manager", "taskset", "--memory-node", "ddr", "x.py"],
+     "--memory-node ddr needs numactl, but --multi-task-manager taskset cannot place memory"),
+    (["--dry-run", "--machine", str(MACHINES / "xeon-max-9480-flat-snc4"), "--multi-task-manager", "sched",
+      "--memory-node", "hbm", "x.py"], "--multi-task-manager sched cannot place memory"),
     (["--bogus-flag", "x.py"], "unrecognized arguments"),
     (["--memory-allocator", "jemalloc", "--dry-run", "x.py"], None),
 ])
@@ -242,5 +386,6 @@ def test_help_documents_every_ipexrun_flag():
                  "--throughput-mode", "--latency-mode", "--memory-allocator", "--omp-runtime",
                  "--multi-task-manager", "--nnodes", "--nprocs-per-node", "--ccl-worker-count",
                  "--logical-cores-for-ccl", "--hostfile", "--master-addr", "--master-port", "--log-dir",
-                 "--launcher", "--dry-run", "--json", "--topology"]:
+                 "--launcher", "--dry-run", "--json", "--topology", "--machine", "--memory-node"]:
         assert flag in res.stdout
+    assert "MCDRAM" in res.stdout and "--preferred" in res.stdout
