@@ -11,13 +11,21 @@ figure is the median step of ``--steps`` timed steps after ``--warmup`` untimed 
 ``--stacks ipex,native`` runs each configuration on both project stacks, alternating,
 and compares their best configurations. ``--ranks N`` also runs each configuration as
 N ranks through ``lars-run`` and reports the scaling efficiency against one rank.
+
+A configuration run that fails (exit code, signal, timeout, no result) is reported on
+stderr at once: which configuration, how its process ended and its last stderr lines.
+The others still run; failures are marked in the table and results.json, and the
+benchmark exits 1 at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +37,7 @@ BASELINE = {"precision": "fp32", "layout": "nchw", "backend": "native", "optimiz
 AXES = {"precision": ("fp32", "bf16"), "layout": ("nchw", "channels_last"),
         "backend": ("native", "ipex", "compile"), "optimizer": ("lars", "sgd")}
 ROOT = Path(__file__).resolve().parents[2]
+TAIL_LINES = 10  # of a failed child's stderr, shown with its failure
 
 
 def _csv(kind, choices=None):
@@ -96,23 +105,65 @@ def _has_ipex(python: str) -> bool:
     return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
 
 
+def _signal_name(number: int) -> str | None:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return None
+
+
+def _ending(returncode: int) -> str:
+    """How a child ended, in words: its exit code, or the signal that killed it."""
+    if returncode < 0:
+        return f"killed by {_signal_name(-returncode) or f'signal {-returncode}'}"
+    if returncode > 128 and _signal_name(returncode - 128):  # how launchers pass on a rank's signal
+        return f"exit code {returncode} (128 + {_signal_name(returncode - 128)})"
+    return f"exit code {returncode}"
+
+
+def _failure(error: str, stderr: str) -> dict:
+    return {"error": error, "stderr_tail": stderr.strip().splitlines()[-TAIL_LINES:]}
+
+
+def outcome(returncode: int, stdout: str, stderr: str) -> dict:
+    """A finished child's result line, or ``{"error": why, "stderr_tail": last stderr lines}``."""
+    tagged = [line[len(RESULT_TAG):] for line in stdout.splitlines() if line.startswith(RESULT_TAG)]
+    try:
+        results = [json.loads(line) for line in tagged]
+    except json.JSONDecodeError as exc:
+        return _failure(f"{_ending(returncode)}, unparseable result line: {exc}", stderr)
+    errors = [r["error"] for r in results if "error" in r]
+    last = (stderr.strip().splitlines() or ["its stderr is empty"])[-1]
+    if errors or returncode != 0:
+        return _failure(f"{_ending(returncode)}: {errors[0] if errors else last}", stderr)
+    if not results:
+        return _failure(f"exit code 0 without a result line: {last}", stderr)
+    return results[0]
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _run(python: str, spec: dict, ranks: int, timeout: float) -> dict:
     worker = ["-m", "ipex_lars", "bench", "train", "--worker", json.dumps(spec)]
     if ranks > 1:
         cmd = [python, "-m", "launchers", "--nprocs-per-node", str(ranks), "-m", *worker[1:]]
     else:
         cmd = [python, *worker]
+    # a session of its own, so a timeout or Ctrl-C also kills lars-run's mpiexec (whose proxies then stop the ranks)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s (raise --timeout)"}
-    tagged = [line[len(RESULT_TAG):] for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    results = [json.loads(line) for line in tagged]
-    errors = [r["error"] for r in results if "error" in r]
-    if errors or proc.returncode != 0 or not results:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": errors[0] if errors else f"exit {proc.returncode}: {tail}"}
-    return results[0]
+        _kill_session(proc)
+        return _failure(f"timed out after {timeout:g} s (raise --timeout)", proc.communicate()[1])
+    except BaseException:
+        _kill_session(proc)
+        raise
+    return outcome(proc.returncode, stdout, stderr)
 
 
 def _label(spec: dict) -> str:
@@ -128,8 +179,9 @@ def run(args: argparse.Namespace) -> int:
     from ipex_lars.bench.train_report import report
 
     try:
-        if min(args.steps, args.repeat, args.ranks, *args.batches) < 1 or args.warmup < 0:
-            raise ValueError("--steps, --repeat, --ranks and --batches must be >= 1 and --warmup >= 0")
+        if min(args.steps, args.repeat, args.ranks, *args.batches) < 1 or args.warmup < 0 or not args.timeout > 0:
+            raise ValueError("--steps, --repeat, --ranks and --batches must be >= 1, --warmup >= 0 "
+                             "and --timeout > 0")
         stacks = args.stacks or [None]
         pythons = {stack: _python(stack) for stack in stacks}
     except ValueError as exc:
@@ -147,22 +199,46 @@ def run(args: argparse.Namespace) -> int:
 
     measured: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
     with tqdm(total=len(runs) * args.repeat, unit="run", dynamic_ncols=True) as bar:
-        for _ in range(args.repeat):
+        for round_ in range(1, args.repeat + 1):
             for i, (stack, spec, ranks) in enumerate(runs):
-                bar.set_postfix_str(f"{stack or ''} {spec['model']} b{spec['batch']} {_label(spec)} x{ranks}")
+                bar.set_postfix_str(_name(stack, spec, ranks))
                 measured[i].append(_run(pythons[stack], spec, ranks, args.timeout))
+                if "error" in measured[i][-1]:
+                    bar.write(_failure_block(_name(stack, spec, ranks), round_, args.repeat, measured[i][-1]),
+                              file=sys.stderr)
                 bar.update(1)
-    rows = []
-    for i, (stack, spec, ranks) in enumerate(runs):
-        ok = [m for m in measured[i] if "error" not in m]
-        row = {**{k: v for k, v in spec.items() if k not in ("steps", "warmup")}, "stack": stack or "current",
-               "ranks": ranks, "label": _label(spec), "runs": len(measured[i])}
-        if ok:
-            middle = statistics.median_low([m["images_per_second"] for m in ok])  # a real run's figure
-            chosen = next(m for m in ok if m["images_per_second"] == middle)  # with its own breakdown
-            row.update({k: chosen[k] for k in ("images_per_second", "step_ms", "phase_ms", "peak_rss_mb",
-                                             "global_batch", "optimizer_impl", "threads", "torch")})
-        else:
-            row["error"] = measured[i][-1]["error"]
-        rows.append(row)
-    return report(rows, args)
+    rows = [_row(stack, spec, ranks, measured[i]) for i, (stack, spec, ranks) in enumerate(runs)]
+    report(rows, args)
+    failed = [_name(stack, spec, ranks) for (stack, spec, ranks), row in zip(runs, rows) if row["failures"]]
+    if failed:
+        print(f"[bench train] {len(failed)} of {len(rows)} configurations failed (details above): "
+              f"{'; '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _name(stack: str | None, spec: dict, ranks: int) -> str:
+    return f"{stack or 'current'} {spec['model']} b{spec['batch']} {_label(spec)} x{ranks}"
+
+
+def _failure_block(name: str, round_: int, rounds: int, failure: dict) -> str:
+    """What stderr shows the moment a configuration run fails: which one, how it ended, its stderr's end."""
+    tail = failure["stderr_tail"]
+    lines = [f"[bench train] FAILED: {name} (round {round_} of {rounds})", f"  {failure['error']}",
+             f"  last {len(tail)} lines of its stderr:" if tail else "  its stderr is empty"]
+    return "\n".join(lines + [f"  | {line}" for line in tail])
+
+
+def _row(stack: str | None, spec: dict, ranks: int, measured: list[dict]) -> dict:
+    """One configuration's results row: the median round's figures, and its failed runs if any."""
+    ok = [m for m in measured if "error" not in m]
+    row = {**{k: v for k, v in spec.items() if k not in ("steps", "warmup")}, "stack": stack or "current",
+           "ranks": ranks, "label": _label(spec), "runs": len(measured),
+           "failures": [{"round": n, **m} for n, m in enumerate(measured, 1) if "error" in m]}
+    if ok:
+        middle = statistics.median_low([m["images_per_second"] for m in ok])  # a real run's figure
+        chosen = next(m for m in ok if m["images_per_second"] == middle)  # with its own breakdown
+        row.update({k: chosen[k] for k in ("images_per_second", "step_ms", "phase_ms", "peak_rss_mb",
+                                         "global_batch", "optimizer_impl", "threads", "torch")})
+    else:
+        row["error"] = row["failures"][-1]["error"]
+    return row

@@ -60,14 +60,15 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         lead = f"{r['stack']:7} {r['model']:10} {r['batch']:>5} {r['ranks']:>5}  {r['label']:28}"
         if "error" in r:
-            lines.append(f"{lead} failed: {r['error']}")
+            lines.append(f"{lead} FAILED: {r['error'].splitlines()[0]}")
             continue
         ph = r["phase_ms"]
         ratio = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] else "-"
         eff = f"{r['scaling_efficiency']:.2f}" if r["scaling_efficiency"] else "-"
+        note = f"  ({len(r['failures'])} of {r['runs']} runs FAILED)" if r["failures"] else ""
         lines.append(f"{lead} {r['images_per_second']:8.2f} {ratio:>7} {eff:>6} {ph['data']:6.1f} "
                      f"{ph['forward']:7.1f} {ph['backward']:7.1f} {ph['allreduce']:7.1f} {ph['optimizer']:6.1f} "
-                     f"{r['peak_rss_mb']:8.0f}")
+                     f"{r['peak_rss_mb']:8.0f}{note}")
     return "\n".join(lines)
 
 
@@ -96,8 +97,8 @@ def _chart(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def report(rows: list[dict], args: argparse.Namespace) -> int:
-    """Prints the table and targets, writes results.json and chart.png; exit 1 if a baseline failed."""
+def report(rows: list[dict], args: argparse.Namespace) -> None:
+    """Prints the table and targets, writes results.json and chart.png."""
     summary = summarise(rows)
     print(_table(rows))
     print("\nPhases are median ms per step; peak MB is the peak resident memory of the (largest) rank process.")
@@ -114,4 +115,3 @@ def report(rows: list[dict], args: argparse.Namespace) -> int:
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     _chart(rows, out / "chart.png")
     print(f"wrote {out / 'results.json'}" + (f" and {out / 'chart.png'}" if (out / "chart.png").exists() else ""))
-    return 1 if any("error" in r and r["baseline"] for r in rows) else 0

@@ -13,6 +13,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 
 RESULT_TAG = "BENCH_TRAIN_RESULT "
 # Input shape and classes per model: ImageNet-sized for the two paper models, digits-sized for the small one.
@@ -80,10 +81,12 @@ def measure(spec: dict) -> dict:
 
 
 def main(spec_json: str) -> int:
-    """Run one configuration; rank 0 prints its result as one tagged JSON line."""
+    """Run one configuration; rank 0 prints its result as one tagged JSON line. On a failure every
+    rank prints the error as that line and its traceback on stderr, for the parent to show."""
     try:
         result = measure(json.loads(spec_json))
     except (ValueError, RuntimeError, ImportError) as exc:
+        traceback.print_exc()
         print(f"{RESULT_TAG}{json.dumps({'error': f'{type(exc).__name__}: {exc}'})}", flush=True)
         return 1
     if result["rank"] == 0:
