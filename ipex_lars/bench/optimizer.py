@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -20,6 +21,9 @@ PARAM_SETS = {
     "many-small": "overhead-bound: 2,000 tensors of 512 values",
 }
 IMPLS = ("fused", "foreach", "reference")
+# peers a user might pick instead: torch's own fused SGD (LARS's bytes minus the norms) and
+# our foreach LARS through torch.compile
+MAX_COMPILED_TENSORS = 200
 BYTES_PER_ELEMENT = 20
 
 
@@ -29,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per candidate (default: 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per candidate first (default: 3)")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow per-parameter reference")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile'd foreach LARS (its compile takes minutes on many tensors)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 
@@ -52,17 +58,40 @@ def _make_params(shapes: list[tuple[int, ...]], seed: int) -> list:
     return params
 
 
-def _candidates(shapes: list[tuple[int, ...]], impls: list[str]) -> dict[str, Callable[[], None]]:
+def _candidates(shapes: list[tuple[int, ...]], impls: list[str], compiled: bool) -> dict[str, Callable[[], None]]:
+    import torch
+
     from ipex_lars.optim import LARS
 
     steps: dict[str, Callable[[], None]] = {}
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=5e-5)
     for impl in impls:
         steps[impl] = LARS(_make_params(shapes, 0), momentum_style="sgd", impl=impl, **hyper).step
+    steps["sgd-fused"] = torch.optim.SGD(_make_params(shapes, 0), fused=True, **hyper).step
+    if compiled and len(shapes) <= MAX_COMPILED_TENSORS:
+        steps["compiled-foreach"] = _compiled_foreach(shapes, hyper)
+    elif compiled:
+        print(f"[bench optimizer] compiled-foreach skipped for {len(shapes)} tensors: torch.compile's time grows "
+              f"with the tensor count (minutes at {MAX_COMPILED_TENSORS}); see docs/BENCHMARKS.md", file=sys.stderr)
     ipex_step = _ipex_candidate(shapes, hyper)
     if ipex_step is not None:
         steps["ipex"] = ipex_step
     return steps
+
+
+def _compiled_foreach(shapes: list[tuple[int, ...]], hyper: dict) -> Callable[[], None]:
+    """Our foreach LARS step compiled by torch.compile (what a user might try instead of a kernel)."""
+    import torch
+
+    from ipex_lars.optim.foreach import lars_foreach
+
+    params = _make_params(shapes, 0)
+    ws, gs = [p.detach() for p in params], [p.grad for p in params]
+    vs, lows = [torch.zeros_like(w) for w in ws], [None] * len(ws)
+    kw = dict(lr=hyper["lr"], momentum=hyper["momentum"], weight_decay=hyper["weight_decay"], trust_coefficient=0.001,
+              eps=0.0, nesterov=False, momentum_style="sgd", clip=False, adapt=True)
+    step = torch.compile(lambda: lars_foreach(ws, gs, vs, lows, **kw))
+    return step
 
 
 def _ipex_candidate(shapes: list[tuple[int, ...]], hyper: dict) -> Callable[[], None] | None:
@@ -94,11 +123,11 @@ def _triad(n: int) -> Callable[[], None]:
     return lambda: torch.add(b, c, alpha=3.0, out=a)
 
 
-def measure(set_name: str, repeats: int, warmup: int, impls: list[str]) -> dict:
+def measure(set_name: str, repeats: int, warmup: int, impls: list[str], compiled: bool = True) -> dict:
     """Median step time of every candidate on one parameter set, with the floor."""
     shapes = _param_shapes(set_name)
     numel = sum(math.prod(s) for s in shapes)
-    steps = _candidates(shapes, impls)
+    steps = _candidates(shapes, impls, compiled)
     triad_n = 1 << 25  # 128 MB per array: well past any last-level cache
     steps["triad"] = _triad(triad_n)
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -130,10 +159,10 @@ def _print_table(result: dict) -> None:
     print(f"\n{result['set']}: {result['tensors']} tensors, {result['elements']:,} elements; "
           f"triad {result['triad_GBps']:.1f} GB/s -> floor {result['floor_ms']:.2f} ms")
     vs_ipex = result.get("speedup_vs_ipex", {})
-    print(f"  {'impl':<10} {'median ms':>10} {'x floor':>8} {'ipex/impl':>10}")
+    print(f"  {'impl':<17} {'median ms':>10} {'x floor':>8} {'ipex/impl':>10}")
     for name, ms in result["median_ms"].items():
         ratio = f"{vs_ipex[name]:.2f}" if name in vs_ipex else "-"
-        print(f"  {name:<10} {ms:>10.3f} {result['x_floor'][name]:>8.2f} {ratio:>10}")
+        print(f"  {name:<17} {ms:>10.3f} {result['x_floor'][name]:>8.2f} {ratio:>10}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     impls = [i for i in IMPLS if not (args.no_reference and i == "reference")]
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "results": []}
     for set_name in sets:
-        result = measure(set_name, args.repeats, args.warmup, impls)
+        result = measure(set_name, args.repeats, args.warmup, impls, compiled=not args.no_compile)
         _print_table(result)
         report["results"].append(result)
     text = json.dumps(report, indent=2)

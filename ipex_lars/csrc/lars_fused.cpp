@@ -1,14 +1,18 @@
 // Fused multi-tensor LARS step (You, Gitman, Ginsburg, arXiv 1708.03888;
 // You, Zhang, Hsieh, Demmel, Keutzer, "ImageNet Training in Minutes").
 //
-// One call updates every parameter of a param group, on ATen's thread pool,
+// One call updates every tensor of a param group, on ATen's thread pool,
 // vectorised with at::vec. A tensor that fits in one block is one work item:
 // norms, trust ratio and update while it sits in L1. Larger tensors are cut
 // into fixed-size blocks and processed in batches of consecutive tensors that
 // fit in the last-level cache: a norm pass, then an update pass that re-reads
 // w and g from cache rather than DRAM. Norm partials are summed per block in a
 // fixed order, so results do not depend on the thread count. The trust ratio
-// never leaves the kernel: no host sync per tensor.
+// never leaves the kernel: no host sync per tensor. Every input is checked
+// before anything is written, so a bad one raises and leaves all tensors as
+// they were. Weights that are not dense (a transposed or sliced view) are
+// stepped through a dense copy, and only those. The kernel keeps nothing
+// between calls: it sees exactly the tensors it is given.
 //
 // The update, with d = g + wd*w and rate = lr*tau (or min(tau, lr) with clip):
 //   paper style: v = m*v + rate*d;  w -= nesterov ? m*v + rate*d : v
@@ -23,6 +27,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
+#include <string>
 #include <vector>
 
 namespace {
@@ -145,193 +151,193 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return a.sizes() == b.sizes() && a.strides() == b.strides();
 }
 
-// One param group's tensors, kept across steps so a step costs no per-tensor
-// Python work. `weights[i]` is `params[i]` itself for fp32 parameters, or the
-// fp32 master copy of a bf16 parameter. A state slot not yet created is an
-// empty placeholder tensor; step() reports those that now have a gradient.
-class GroupPlan {
- public:
-  GroupPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> weights, std::vector<at::Tensor> bufs)
-      : params_(std::move(params)), weights_(std::move(weights)), bufs_(std::move(bufs)) {
-    TORCH_CHECK(params_.size() == weights_.size() && params_.size() == bufs_.size(),
-                "LARS fused: params, weights and momentum buffers must have the same length");
+// Sets the update coefficients of one tensor from its sums of squares.
+void set_rate(Slot& t, double sw, double sg, const Hyper& h) {
+  double rate = h.lr;
+  if (h.adapt) {
+    const double wn = std::sqrt(sw), gn = std::sqrt(sg);
+    const double tau = (wn > 0.0 && gn > 0.0) ? h.eta * wn / (gn + h.wd * wn + h.eps) : 1.0;
+    rate = h.clip ? std::min(tau, h.lr) : h.lr * tau;
   }
+  t.a = h.paper_style ? static_cast<float>(rate) : 1.f;
+  t.s = h.paper_style ? 1.f : static_cast<float>(rate);
+}
 
-  void set_state(int64_t i, at::Tensor weight, at::Tensor buf) {
-    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(params_.size()), "LARS fused: index out of range");
-    weights_[i] = std::move(weight);
-    bufs_[i] = std::move(buf);
-  }
+// A tensor of one block: norms, rate and update while it sits in L1.
+void step_small(Slot& t, const Hyper& h) {
+  double sw = 0.0, sg = 0.0;
+  if (h.adapt) sumsq(t, 0, t.n, sw, sg);
+  set_rate(t, sw, sg, h);
+  update(t, 0, t.n, static_cast<float>(h.momentum), static_cast<float>(h.wd), h.nesterov);
+}
 
-  // Updates every parameter that has a gradient and state; returns the
-  // indices of parameters that have a gradient but no state yet.
-  std::vector<int64_t> step(double lr, double momentum, double weight_decay, double trust_coefficient,
-                            double eps, bool nesterov, bool paper_style, bool clip, bool adapt) {
-    const Hyper h{lr, momentum, weight_decay, trust_coefficient, eps, nesterov, paper_style, clip, adapt};
-    const int64_t n = static_cast<int64_t>(params_.size());
-    std::vector<Slot> slots(n);
-    std::vector<Status> status(n, kSkip);
-    Temps temps(n);
-    // One pass: each thread checks its share of the parameters and updates the small ones at once,
-    // so a tensor's metadata and data are touched by one core, close together in time.
-    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        status[i] = prepare(i, slots[i], temps);
-        if (status[i] == kReady && slots[i].n <= kBlock) {
-          step_small(slots[i], h);
-          status[i] = kDone;
-        }
-      }
-    });
-    std::vector<int32_t> large;
-    std::vector<int64_t> missing;
-    for (int64_t i = 0; i < n; ++i) {
-      if (status[i] == kReady) large.push_back(static_cast<int32_t>(i));
-      if (status[i] == kMissing) missing.push_back(i);
+void step_large(std::vector<Slot>& slots, const std::vector<int32_t>& large, const Hyper& h) {
+  const float m = static_cast<float>(h.momentum), wd = static_cast<float>(h.wd);
+  // Larger tensors: a norm pass then an update pass over fixed-size blocks, in batches of
+  // consecutive tensors small enough that the update re-reads them from cache.
+  std::vector<Block> blocks;
+  std::vector<double> partial;  // 2 per block: sum w^2, sum g^2
+  size_t first = 0;
+  while (first < large.size()) {
+    size_t last = first;
+    int64_t elems = 0;
+    blocks.clear();
+    while (last < large.size() && (last == first || elems + slots[large[last]].n <= kBatchElems)) {
+      const int64_t n = slots[large[last]].n;
+      for (int64_t b = 0; b < n; b += kBlock) blocks.push_back({large[last], b, std::min(b + kBlock, n)});
+      elems += n;
+      ++last;
     }
-    step_large(slots, large, h);
-    for (int64_t i = 0; i < n; ++i) {
-      if (temps.v[i].defined()) bufs_[i].copy_(temps.v[i]);
-      if (temps.low[i].defined()) params_[i].copy_(temps.low[i]);
-    }
-    return missing;
-  }
-
- private:
-  // Sets the update coefficients of one tensor from its sums of squares.
-  static void set_rate(Slot& t, double sw, double sg, const Hyper& h) {
-    double rate = h.lr;
+    const int64_t nb = static_cast<int64_t>(blocks.size());
+    partial.assign(2 * nb, 0.0);
     if (h.adapt) {
-      const double wn = std::sqrt(sw), gn = std::sqrt(sg);
-      const double tau = (wn > 0.0 && gn > 0.0) ? h.eta * wn / (gn + h.wd * wn + h.eps) : 1.0;
-      rate = h.clip ? std::min(tau, h.lr) : h.lr * tau;
-    }
-    t.a = h.paper_style ? static_cast<float>(rate) : 1.f;
-    t.s = h.paper_style ? 1.f : static_cast<float>(rate);
-  }
-
-  enum Status : uint8_t { kSkip, kMissing, kReady, kDone };
-
-  // Tensors made for a parameter whose gradient, momentum or bf16 copy has another layout than
-  // its weights; v and low are copied back after the step.
-  struct Temps {
-    explicit Temps(int64_t n) : g(n), v(n), low(n) {}
-    std::vector<at::Tensor> g, v, low;
-  };
-
-  // Checks parameter i and fills its slot; says whether it is to be stepped.
-  Status prepare(int64_t i, Slot& s, Temps& temps) const {
-    const at::Tensor& p = params_[i];
-    const at::Tensor& grad = p.grad();
-    if (!grad.defined() || p.numel() == 0) return kSkip;
-    const at::Tensor& w = weights_[i];
-    const at::Tensor& v = bufs_[i];
-    if (v.numel() != p.numel() || w.numel() != p.numel()) return kMissing;
-    TORCH_CHECK(!grad.is_sparse(), "LARS does not support sparse gradients");
-    TORCH_CHECK(p.device().is_cpu() && grad.device().is_cpu(),
-                "LARS fused runs on CPU tensors; use impl='foreach' for other devices");
-    TORCH_CHECK(w.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-                "LARS fused: weights and momentum must be float32 (bf16 parameters keep an fp32 master)");
-    TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16,
-                "LARS fused: gradients must be float32 or bfloat16, got ", grad.scalar_type());
-    const bool has_master = !w.is_same(p);
-    TORCH_CHECK(!has_master || p.scalar_type() == at::kBFloat16,
-                "LARS fused: a parameter with an fp32 master copy must be bfloat16");
-    TORCH_CHECK(w.is_non_overlapping_and_dense(), "LARS fused: parameters must be dense tensors");
-    const at::Tensor* g = &grad;
-    if (!same_layout(grad, w)) {
-      temps.g[i] = at::empty_like(w, grad.scalar_type());
-      temps.g[i].copy_(grad);
-      g = &temps.g[i];
-    }
-    const at::Tensor* vv = &v;
-    if (!same_layout(v, w)) {
-      temps.v[i] = at::empty_like(w);
-      temps.v[i].copy_(v);
-      vv = &temps.v[i];
-    }
-    s.low = nullptr;
-    if (has_master) {
-      if (same_layout(p, w)) {
-        s.low = p.data_ptr<at::BFloat16>();
-      } else {
-        temps.low[i] = at::empty_like(w, p.scalar_type());
-        s.low = temps.low[i].data_ptr<at::BFloat16>();
-      }
-    }
-    s.w = w.data_ptr<float>();
-    s.g = g->data_ptr();
-    s.g_bf16 = g->scalar_type() == at::kBFloat16;
-    s.v = vv->data_ptr<float>();
-    s.n = w.numel();
-    return kReady;
-  }
-
-  // A tensor of one block: norms, rate and update while it sits in L1.
-  static void step_small(Slot& t, const Hyper& h) {
-    double sw = 0.0, sg = 0.0;
-    if (h.adapt) sumsq(t, 0, t.n, sw, sg);
-    set_rate(t, sw, sg, h);
-    update(t, 0, t.n, static_cast<float>(h.momentum), static_cast<float>(h.wd), h.nesterov);
-  }
-
-  static void step_large(std::vector<Slot>& slots, const std::vector<int32_t>& large, const Hyper& h) {
-    const float m = static_cast<float>(h.momentum), wd = static_cast<float>(h.wd);
-    // Larger tensors: a norm pass then an update pass over fixed-size blocks, in batches of
-    // consecutive tensors small enough that the update re-reads them from cache.
-    std::vector<Block> blocks;
-    std::vector<double> partial;  // 2 per block: sum w^2, sum g^2
-    size_t first = 0;
-    while (first < large.size()) {
-      size_t last = first;
-      int64_t elems = 0;
-      blocks.clear();
-      while (last < large.size() && (last == first || elems + slots[large[last]].n <= kBatchElems)) {
-        const int64_t n = slots[large[last]].n;
-        for (int64_t b = 0; b < n; b += kBlock) blocks.push_back({large[last], b, std::min(b + kBlock, n)});
-        elems += n;
-        ++last;
-      }
-      const int64_t nb = static_cast<int64_t>(blocks.size());
-      partial.assign(2 * nb, 0.0);
-      if (h.adapt) {
-        at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b)
-            sumsq(slots[blocks[b].slot], blocks[b].begin, blocks[b].end, partial[2 * b], partial[2 * b + 1]);
-        });
-      }
-      // Per tensor: sum its block partials in block order, so the result is independent of threads.
-      for (int64_t b = 0; b < nb;) {
-        const int32_t slot = blocks[b].slot;
-        double sw = 0.0, sg = 0.0;
-        for (; b < nb && blocks[b].slot == slot; ++b) {
-          sw += partial[2 * b];
-          sg += partial[2 * b + 1];
-        }
-        set_rate(slots[slot], sw, sg, h);
-      }
       at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t k = b0; k < b1; ++k)
-          update(slots[blocks[k].slot], blocks[k].begin, blocks[k].end, m, wd, h.nesterov);
+        for (int64_t b = b0; b < b1; ++b)
+          sumsq(slots[blocks[b].slot], blocks[b].begin, blocks[b].end, partial[2 * b], partial[2 * b + 1]);
       });
-      first = last;
+    }
+    // Per tensor: sum its block partials in block order, so the result is independent of threads.
+    for (int64_t b = 0; b < nb;) {
+      const int32_t slot = blocks[b].slot;
+      double sw = 0.0, sg = 0.0;
+      for (; b < nb && blocks[b].slot == slot; ++b) {
+        sw += partial[2 * b];
+        sg += partial[2 * b + 1];
+      }
+      set_rate(slots[slot], sw, sg, h);
+    }
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t k = b0; k < b1; ++k)
+        update(slots[blocks[k].slot], blocks[k].begin, blocks[k].end, m, wd, h.nesterov);
+    });
+    first = last;
+  }
+}
+
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes();
+  return out.str();
+}
+
+// Checks every input before anything is written: an invalid one raises and leaves all untouched.
+void validate(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& grads,
+              const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& lows) {
+  const size_t n = weights.size();
+  TORCH_CHECK_VALUE(grads.size() == n && bufs.size() == n && lows.size() == n,
+                    "LARS fused: weights, grads, momentum_buffers and low_params must have the same length");
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor &w = weights[i], &g = grads[i], &v = bufs[i], &low = lows[i];
+    TORCH_CHECK_VALUE(w.defined() && g.defined() && v.defined(), "LARS fused: tensor ", i, " is undefined");
+    TORCH_CHECK(!w.is_sparse() && !g.is_sparse() && !v.is_sparse(), "LARS does not support sparse gradients");
+    TORCH_CHECK_VALUE(w.device().is_cpu() && g.device().is_cpu() && v.device().is_cpu(),
+                      "LARS fused runs on CPU tensors; use impl='foreach' for other devices");
+    TORCH_CHECK_VALUE(w.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+                      "LARS fused: weights and momentum must be float32 (bf16 parameters keep an fp32 master), "
+                      "got ", w.scalar_type(), " and ", v.scalar_type(), " for tensor ", i);
+    TORCH_CHECK_VALUE(g.scalar_type() == at::kFloat || g.scalar_type() == at::kBFloat16,
+                      "LARS fused: gradients must be float32 or bfloat16, got ", g.scalar_type(), " for tensor ", i);
+    TORCH_CHECK_VALUE(g.sizes() == w.sizes(), "LARS: gradient of shape ", shape_of(g), " for a parameter of shape ",
+                      shape_of(w));
+    TORCH_CHECK_VALUE(v.sizes() == w.sizes(), "LARS state does not fit its parameter: momentum of shape ",
+                      shape_of(v), " for a parameter of shape ", shape_of(w),
+                      "; load the optimizer state saved with this model");
+    if (low.numel() > 0) {
+      TORCH_CHECK_VALUE(low.scalar_type() == at::kBFloat16 && low.device().is_cpu() && low.sizes() == w.sizes(),
+                        "LARS fused: a parameter with an fp32 master copy must be a bfloat16 CPU tensor of its shape");
     }
   }
+}
 
-  std::vector<at::Tensor> params_, weights_, bufs_;
+// Tensors made for a tensor whose weights are not dense, or whose gradient, momentum or bf16
+// copy has another layout than its weights; w, v and low are copied back after the step.
+struct Temps {
+  explicit Temps(int64_t n) : w(n), g(n), v(n), low(n) {}
+  std::vector<at::Tensor> w, g, v, low;
 };
+
+// Fills slot i, making dense temporaries where layouts differ. False: nothing to do.
+bool prepare(int64_t i, const at::Tensor& w, const at::Tensor& g, const at::Tensor& v, const at::Tensor& low,
+             Slot& s, Temps& temps) {
+  if (w.numel() == 0) return false;
+  const at::Tensor* base = &w;
+  if (!w.is_non_overlapping_and_dense()) {  // e.g. a transposed or sliced view: step a dense copy
+    temps.w[i] = w.contiguous();
+    base = &temps.w[i];
+  }
+  const at::Tensor* gg = &g;
+  if (!same_layout(g, *base)) {
+    temps.g[i] = at::empty_like(*base, g.scalar_type());
+    temps.g[i].copy_(g);
+    gg = &temps.g[i];
+  }
+  const at::Tensor* vv = &v;
+  if (!same_layout(v, *base)) {
+    temps.v[i] = at::empty_like(*base);
+    temps.v[i].copy_(v);
+    vv = &temps.v[i];
+  }
+  s.low = nullptr;
+  if (low.numel() > 0) {
+    if (same_layout(low, *base)) {
+      s.low = low.data_ptr<at::BFloat16>();
+    } else {
+      temps.low[i] = at::empty_like(*base, low.scalar_type());
+      s.low = temps.low[i].data_ptr<at::BFloat16>();
+    }
+  }
+  s.w = base->data_ptr<float>();
+  s.g = gg->data_ptr();
+  s.g_bf16 = gg->scalar_type() == at::kBFloat16;
+  s.v = vv->data_ptr<float>();
+  s.n = w.numel();
+  return true;
+}
+
+// One LARS step over every tensor given, with one set of hyperparameters (one param group).
+// weights[i]: fp32 parameter or fp32 master of a bf16 parameter low_params[i] (an empty tensor
+// when there is none), refreshed from the master after the step.
+void lars_step(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& grads,
+               const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& lows, double lr, double momentum,
+               double weight_decay, double trust_coefficient, double eps, bool nesterov, bool paper_style, bool clip,
+               bool adapt) {
+  validate(weights, grads, bufs, lows);
+  const Hyper h{lr, momentum, weight_decay, trust_coefficient, eps, nesterov, paper_style, clip, adapt};
+  const int64_t n = static_cast<int64_t>(weights.size());
+  std::vector<Slot> slots(n);
+  std::vector<uint8_t> large_flag(n, 0);
+  Temps temps(n);
+  // One pass: each thread prepares its share of the tensors and updates the small ones at once,
+  // so a tensor's metadata and data are touched by one core, close together in time.
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (!prepare(i, weights[i], grads[i], bufs[i], lows[i], slots[i], temps)) continue;
+      if (slots[i].n <= kBlock) {
+        step_small(slots[i], h);
+      } else {
+        large_flag[i] = 1;
+      }
+    }
+  });
+  std::vector<int32_t> large;
+  for (int64_t i = 0; i < n; ++i)
+    if (large_flag[i]) large.push_back(static_cast<int32_t>(i));
+  step_large(slots, large, h);
+  for (int64_t i = 0; i < n; ++i) {
+    if (temps.w[i].defined()) weights[i].copy_(temps.w[i]);
+    if (temps.v[i].defined()) bufs[i].copy_(temps.v[i]);
+    if (temps.low[i].defined()) lows[i].copy_(temps.low[i]);
+  }
+}
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused multi-tensor LARS step for CPU tensors";
   m.attr("vector_width") = static_cast<int64_t>(Vec::size());
-  pybind11::class_<GroupPlan>(m, "GroupPlan")
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(),
-           pybind11::arg("params"), pybind11::arg("weights"), pybind11::arg("bufs"))
-      .def("set_state", &GroupPlan::set_state, pybind11::arg("index"), pybind11::arg("weight"), pybind11::arg("buf"))
-      .def("step", &GroupPlan::step, pybind11::arg("lr"), pybind11::arg("momentum"), pybind11::arg("weight_decay"),
-           pybind11::arg("trust_coefficient"), pybind11::arg("eps"), pybind11::arg("nesterov"),
-           pybind11::arg("paper_style"), pybind11::arg("clip"), pybind11::arg("adapt"),
-           pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("lars_step", &lars_step, pybind11::arg("weights"), pybind11::arg("grads"), pybind11::arg("momentum_buffers"),
+        pybind11::arg("low_params"), pybind11::arg("lr"), pybind11::arg("momentum"), pybind11::arg("weight_decay"),
+        pybind11::arg("trust_coefficient"), pybind11::arg("eps"), pybind11::arg("nesterov"),
+        pybind11::arg("paper_style"), pybind11::arg("clip"), pybind11::arg("adapt"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

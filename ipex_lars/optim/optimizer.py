@@ -28,16 +28,15 @@ fp32 (``state[p]["momentum_buffer"]``), so state dicts load across impls.
 
 from __future__ import annotations
 
-import warnings
-from typing import Callable, Iterable, Sequence
+import copy
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ipex_lars.ext import ExtensionBuildError
-from ipex_lars.optim import foreach, fused, reference
+from ipex_lars.optim.functional import STYLES, lars, resolve_impl
 
-IMPLS = ("auto", "fused", "foreach", "reference")
-STYLES = ("paper", "sgd")
+_FP32_STATE = ("momentum_buffer", "master_param")  # kept float32 whatever the parameter's dtype
 
 
 def _check(ok: bool, message: str) -> None:
@@ -45,32 +44,20 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _resolve_impl(impl: str) -> str:
-    _check(impl in IMPLS, f"LARS impl={impl!r} is not one of {', '.join(IMPLS)}")
-    if impl == "reference" or impl == "foreach":
-        return impl
-    try:
-        fused.load()
-        return "fused"
-    except ExtensionBuildError as exc:
-        if impl == "fused":
-            raise
-        warnings.warn(f"LARS: the fused kernel is unavailable, using impl='foreach'. {exc}", stacklevel=3)
-        return "foreach"
-
-
 class LARS(torch.optim.Optimizer):
     """LARS with per-group ``lars`` adaptation switch; see the module docstring for the update.
 
-    ``impl`` picks the implementation: ``"fused"`` (multi-tensor C++ kernel,
-    CPU), ``"foreach"`` (torch multi-tensor ops), ``"reference"`` (per-parameter
-    ground truth) or ``"auto"`` (fused if it loads, else foreach).
+    ``impl`` picks the implementation (see ``ipex_lars.optim.functional``): ``"fused"``
+    (multi-tensor C++ kernel, CPU), ``"foreach"`` (torch multi-tensor ops), ``"reference"``
+    (per-tensor ground truth) or ``"auto"`` (fused if it loads, else foreach). Each step
+    gathers the tensors afresh from ``param_groups`` and ``state``, so whatever is changed
+    through the public API between steps is what the next step uses.
     """
 
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict],
-        lr: float,
+        lr: float | torch.Tensor,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         trust_coefficient: float = 0.001,
@@ -82,30 +69,34 @@ class LARS(torch.optim.Optimizer):
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         eps=eps, nesterov=nesterov, momentum_style=momentum_style, clip=clip, lars=True)
-        self.impl = _resolve_impl(impl)
-        self._fused = fused.FusedGroups() if self.impl == "fused" else None
+        self.impl = resolve_impl(impl)
         self._written_version: dict[torch.Tensor, int] = {}
-        self._subsets: dict[tuple[int, ...], list[tuple[int, list[torch.Tensor]]]] = {}
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "impl": self.impl}
 
     def __setstate__(self, state: dict) -> None:
-        # copy.deepcopy and pickle rebuild optimizers through here; IPEX's load_state_dict
-        # also calls it on a live optimizer with only "state" and "param_groups".
+        # copy.deepcopy, pickle and load_state_dict rebuild the optimizer through here; IPEX's
+        # load_state_dict also calls it on a live optimizer with only "state" and "param_groups".
         super().__setstate__(state)
         self.impl = state.get("impl") or getattr(self, "impl", "foreach")
-        self._fused = fused.FusedGroups() if self.impl == "fused" else None
-        self._subsets = {}
+        for group in self.param_groups:  # a state dict from before a setting existed gets its default
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        for p, s in self.state.items():
+            if isinstance(p, torch.Tensor) and isinstance(s, dict) and s:
+                self._fit_state(p, s)
         self._record_master_versions()
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._subsets = {}
         group = self.param_groups[-1]
-        _check(isinstance(group["lr"], (int, float)) and group["lr"] >= 0,
-               f"LARS lr must be a number >= 0, got {group['lr']!r}")
+        lr = group["lr"]
+        _check(isinstance(lr, (int, float)) and not isinstance(lr, bool) or
+               isinstance(lr, torch.Tensor) and lr.numel() == 1,
+               f"LARS lr must be a number or a one-element tensor, got {lr!r}")
+        _check(float(lr) >= 0, f"LARS lr must be >= 0, got {float(lr)}")
         _check(0.0 <= group["momentum"] < 1.0, f"LARS momentum must be in [0, 1), got {group['momentum']!r}")
         _check(group["weight_decay"] >= 0, f"LARS weight_decay must be >= 0, got {group['weight_decay']!r}")
         _check(group["trust_coefficient"] > 0,
@@ -119,9 +110,8 @@ class LARS(torch.optim.Optimizer):
                    f"LARS updates float32 or bfloat16 parameters (bf16 through an fp32 master copy); "
                    f"got a {p.dtype} parameter of shape {tuple(p.shape)}")
 
-    def init_state(self, p: torch.Tensor) -> dict:
-        """The state of parameter ``p``, created or repaired: fp32 momentum and, for bf16, an fp32 master."""
-        state = self.state[p]
+    def _fit_state(self, p: torch.Tensor, state: dict) -> dict:
+        """Make ``state`` fit ``p``: fp32 momentum, and an fp32 master exactly when ``p`` is bf16."""
         if p.dtype == torch.bfloat16 and "master_param" not in state:
             state["master_param"] = p.detach().float()  # keeps p's layout (e.g. channels-last)
             self._written_version[p] = p._version
@@ -139,29 +129,42 @@ class LARS(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts floating state to each parameter's dtype; the master and momentum
-        # of a bf16 parameter must stay fp32, so they bypass that cast.
-        fp32_keys = ("momentum_buffer", "master_param")
-        kept = {pid: {k: v for k, v in s.items() if k in fp32_keys} for pid, s in state_dict["state"].items()}
-        stripped = dict(state_dict)
-        stripped["state"] = {pid: {k: v for k, v in s.items() if k not in fp32_keys}
-                             for pid, s in state_dict["state"].items()}
-        super().load_state_dict(stripped)
-        by_id = {pid: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
+        """torch's ``load_state_dict`` in torch's order (pre-hooks, load, post-hooks), except that
+        the momentum and the master of a bf16 parameter stay float32 instead of taking its dtype."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        by_id = {pid: p for saved, group in zip(saved_groups, self.param_groups)
                  for pid, p in zip(saved["params"], group["params"])}
-        for pid, values in kept.items():
-            p = by_id[pid]
-            for key, value in values.items():
-                self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
-            self.init_state(p)  # masters follow this model's dtypes; shapes must match
-        self._record_master_versions()
-        self._subsets = {}
-        if self._fused is not None:
-            self._fused.invalidate()
+        state: defaultdict[Any, dict] = defaultdict(dict)
+        for pid, value in state_dict["state"].items():
+            p = by_id.get(pid)
+            if p is None or not isinstance(value, dict):
+                state[pid] = value  # not a parameter's state: kept as it is, as torch does
+            else:
+                state[p] = {key: _load_value(p, key, v) for key, v in value.items()}
+        groups = []
+        for saved, group in zip(saved_groups, self.param_groups):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            groups.append(saved)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def _record_master_versions(self) -> None:
         """Take the bf16 parameters as they are now as what their masters hold (after a load)."""
-        self._written_version = {p: p._version for p, s in self.state.items() if "master_param" in s}
+        self._written_version = {p: p._version for p, s in self.state.items()
+                                 if isinstance(s, dict) and "master_param" in s}
 
     def _sync_masters(self, params: Iterable[torch.Tensor]) -> None:
         """Re-read a bf16 parameter into its master if something else wrote the parameter."""
@@ -181,8 +184,8 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            self._step_params(index, index, group["params"])
+        for group in self.param_groups:
+            self._step_group(group, group["params"])
         return loss
 
     @torch.no_grad()
@@ -193,48 +196,47 @@ class LARS(torch.optim.Optimizer):
         only that tensor's own norms, and DDP buckets hold whole tensors. So stepping
         every bucket once is one ``step()``. Parameters not in this optimizer are ignored.
         """
-        key = tuple(map(id, params))
-        parts = self._subsets.get(key)
-        if parts is None:  # which params of which group: worked out once per bucket
-            ids = set(key)
-            parts = [(index, [p for p in group["params"] if id(p) in ids])
-                     for index, group in enumerate(self.param_groups)]
-            parts = self._subsets[key] = [(index, subset) for index, subset in parts if subset]
-        for index, subset in parts:
-            self._step_params(index, (index, key), subset)
+        wanted = set(map(id, params))
+        for group in self.param_groups:
+            subset = [p for p in group["params"] if id(p) in wanted]
+            if subset:
+                self._step_group(group, subset)
 
-    def _step_params(self, index: int, plan_key, params: list[torch.Tensor]) -> None:
-        group = self.param_groups[index]
-        self._sync_masters(params)
-        if self._fused is not None:
-            self._fused.step(self, plan_key, params, group)
-        else:
-            self._step_unfused(group, params)
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Gather (params, grads, momentum, masters) from the state as it is now, and step them."""
+        ps, grads, bufs, masters = [], [], [], []
+        state_of = self.state
+        for p in params:
+            g = p.grad
+            if g is None:
+                continue
+            state = state_of[p]
+            if "momentum_buffer" not in state or ("master_param" in state) != (p.dtype == torch.bfloat16):
+                self._fit_state(p, state)
+            ps.append(p)
+            grads.append(g)
+            bufs.append(state["momentum_buffer"])
+            masters.append(state.get("master_param"))
+        if not ps:
+            return
+        self._sync_masters(ps)
+        lars(ps, grads, bufs, masters if self._written_version else None, lr=group["lr"],
+             momentum=group["momentum"], weight_decay=group["weight_decay"],
+             trust_coefficient=group["trust_coefficient"], eps=group["eps"], nesterov=group["nesterov"],
+             momentum_style=group["momentum_style"], clip=group["clip"], adapt=group["lars"], impl=self.impl)
         if self._written_version:
-            for p in params:
+            for p in ps:
                 if p in self._written_version:
                     self._written_version[p] = p._version
 
-    def _step_unfused(self, group: dict, params: list[torch.Tensor]) -> None:
-        ws, gs, vs, lows = [], [], [], []
-        for p in params:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("LARS does not support sparse gradients")
-            state = self.init_state(p)
-            w = state.get("master_param", p)
-            ws.append(w)
-            gs.append(p.grad.float())
-            vs.append(state["momentum_buffer"])
-            if w is not p:
-                lows.append((p, w))
-        if not ws:
-            return
-        if self.impl == "foreach":
-            foreach.step_group(ws, gs, vs, group)
-        else:
-            for w, g, v in zip(ws, gs, vs):
-                reference.step_param(w, g, v, group)
-        for p, w in lows:
-            p.copy_(w)
+
+def _load_value(p: torch.Tensor, key: Any, value: Any) -> Any:
+    """A saved state value for parameter ``p``: momentum and master stay float32 on p's device;
+    other floating tensors take p's dtype and device, as torch's optimizers load them."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if key in _FP32_STATE:
+        return value.to(device=p.device, dtype=torch.float32, copy=True)
+    if key != "step" and value.is_floating_point() and p.is_floating_point():
+        return value.to(device=p.device, dtype=p.dtype)
+    return value.to(device=p.device)
