@@ -8,10 +8,13 @@ ideal layout is explained by one line in ``notes``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from affinity.cpuset import format_cpulist
-from affinity.machine import Machine
 from affinity.topology import Core, Topology
+
+if TYPE_CHECKING:  # only for hints: `python -m affinity.machine` must not find it imported already
+    from affinity.machine import Machine
 
 
 class PlanError(ValueError):
