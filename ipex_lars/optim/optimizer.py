@@ -84,9 +84,6 @@ class LARS(torch.optim.Optimizer):
         for group in self.param_groups:  # a state dict from before a setting existed gets its default
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        for p, s in self.state.items():
-            if isinstance(p, torch.Tensor) and isinstance(s, dict) and s:
-                self._fit_state(p, s)
         self._record_master_versions()
 
     def add_param_group(self, param_group: dict) -> None:
@@ -158,6 +155,12 @@ class LARS(torch.optim.Optimizer):
                 saved["param_names"] = group["param_names"]
             groups.append(saved)
         self.__setstate__({"state": state, "param_groups": groups})
+        # Masters follow this model's dtypes and shapes must match; not in __setstate__, because
+        # IPEX calls that with state it re-lays out for its packed weights only afterwards.
+        for p, s in self.state.items():
+            if isinstance(p, torch.Tensor) and isinstance(s, dict) and s:
+                self._fit_state(p, s)
+        self._record_master_versions()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
