@@ -1,14 +1,22 @@
-"""ImageNet-layout folders built from scikit-learn's two sample photos (real JPEGs), plus bad files."""
+"""ImageNet-layout folders built from scikit-learn's two sample photos (real JPEGs), plus bad files:
+truncated, corrupt, too many pixels, decompression bombs, FIFOs, devices, dangling links, no permission."""
 
 from __future__ import annotations
 
+import os
+import signal
+import struct
+import warnings
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 from cli_runner import run_cli
-from ipex_lars.data.folder import ImageFolderData, load_image
+from ipex_lars.data import TensorData, eval_batches, write_skipped
+from ipex_lars.data.folder import ImageFolderData, SkippedImage, folder_datasets, load_image
 from ipex_lars.train import checkpoint
 from ipex_lars.train.config import load_config
 from ipex_lars.train.engine import train
@@ -46,7 +54,8 @@ def test_folder_lists_classes_and_images(image_root):
     image, label = data[(1, 123)]
     assert image.shape == (3, 32, 32) and label == 0
     assert torch.equal(data[(1, 123)][0], image), "the seed fixes the augmentation"
-    assert data[data.samples.index((image_root / "train" / "china" / "truncated.JPEG", 0))] is None
+    skip = data[data.samples.index((image_root / "train" / "china" / "truncated.JPEG", 0))]
+    assert isinstance(skip, SkippedImage) and "truncated" in skip.reason
 
 
 def test_large_jpeg_decodes_at_reduced_size(tmp_path):
@@ -63,6 +72,16 @@ def test_training_skips_and_counts_unreadable_images(tmp_path, image_root, worke
     result = train(_cfg(tmp_path, image_root, workers=workers))
     assert result["steps"] == 6
     assert result["skipped_images"] >= 1
+
+
+def test_a_training_run_names_every_skipped_file_and_counts_val_skips(tmp_path, bad_root):
+    with _deadline(120):  # the FIFOs must not hang the run
+        result = train(_cfg(tmp_path, bad_root, global_batch=15, epochs=1, image_size=16))
+    named = dict(line.split("\t", 1) for line in (tmp_path / "skipped.txt").read_text().splitlines())
+    assert str(bad_root / "train" / "cat" / "pipe.JPEG") in named and str(bad_root / "val" / "cat" / "pipe.jpg") in named
+    assert result["skipped_images"] >= 1
+    records = (tmp_path / "metrics-rank0.jsonl").read_text().splitlines()
+    assert '"val_skipped_images": 3' in records[-1]  # the FIFO, the truncated file and the oversized link
 
 
 def test_resume_on_folder_data_is_exact_with_workers(tmp_path, image_root):
@@ -85,3 +104,158 @@ def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path, make, message):
                   env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+@contextmanager
+def _deadline(seconds: float):
+    """Fail the test, instead of hanging the suite, if the block runs longer than ``seconds``."""
+    def expire(signum, frame):
+        raise TimeoutError(f"loading took over {seconds} s: something blocked")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _write_blank_png(path: Path, width: int, height: int) -> None:
+    """A valid all-black 1-bit PNG: ~20 KB on disk however large, built without ever holding its pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte, then 8 pixels a byte
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height))
+                     + chunk(b"IEND", b""))
+
+
+def _small_images(folder: Path, suffix: str, count: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.effect_noise((96, 64), 40 + 10 * i).convert("RGB").save(folder / f"good_{i}{suffix}")
+
+
+# file name -> what its skip reason says; in train/cat unless the name says otherwise
+TRAIN_BAD = {"truncated.JPEG": "truncated", "notes.JPEG": "UnidentifiedImageError",
+             "tiff.JPEG": "UnidentifiedImageError", "huge.png": "12000x12000 pixels is over the 64,000,000-pixel",
+             "bomb.png": "DecompressionBombError", "pipe.JPEG": "not a regular file but a FIFO",
+             "zero.JPEG": "not a regular file but a character device", "dangling.JPEG": "FileNotFoundError",
+             "subdir.JPEG": "not a regular file but a directory"}
+VAL_BAD = {"cat/pipe.jpg": "FIFO", "cat/truncated.jpg": "truncated", "dog/huge.png": "pixel limit"}
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory) -> Path:
+    """train/{cat,dog} and val/{cat,dog} with 3 and 2 good images a class, and every kind of bad file."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("bad")
+    for split, count in (("train", 3), ("val", 2)):
+        _small_images(root / split / "cat", ".JPEG", count)
+        _small_images(root / split / "dog", ".png", count)
+    cat = root / "train" / "cat"
+    noise = Image.effect_noise((256, 256), 60)
+    noise.save(cat / "noise.jpg")
+    good = (cat / "noise.jpg").read_bytes()
+    (cat / "noise.jpg").unlink()
+    (cat / "truncated.JPEG").write_bytes(good[: len(good) // 3])
+    (cat / "notes.JPEG").write_text("not an image")
+    noise.save(cat / "tiff.JPEG", format="TIFF")  # a real image, in a format PIL is not allowed to decode here
+    _write_blank_png(cat / "huge.png", 12000, 12000)  # 144 MP: over max_pixels, within PIL's own bomb limit
+    _write_blank_png(cat / "bomb.png", 14000, 14000)  # 196 MP: PIL itself raises DecompressionBombError
+    os.mkfifo(cat / "pipe.JPEG")
+    (cat / "zero.JPEG").symlink_to("/dev/zero")
+    (cat / "dangling.JPEG").symlink_to(cat / "gone.JPEG")
+    (cat / "subdir.JPEG").mkdir()
+    os.mkfifo(root / "val" / "cat" / "pipe.jpg")
+    (root / "val" / "cat" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "val" / "dog" / "huge.png").symlink_to(cat / "huge.png")  # a link to a regular file is followed
+    return root
+
+
+def _load_all(data: ImageFolderData, workers: int = 0) -> tuple[int, int]:
+    """Readable and skipped images in one pass over ``data``, failing if it takes over 60 s."""
+    with _deadline(60), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(eval_batches(data, batch=4, workers=workers))
+    assert not [w for w in caught if "DecompressionBomb" in w.category.__name__]
+    return sum(len(labels) for _, labels, _ in batches), sum(skipped for _, _, skipped in batches)
+
+
+def test_every_bad_file_is_skipped_named_and_counted_in_train_and_val(bad_root):
+    train, val = folder_datasets(bad_root, 32)
+    assert train.classes == val.classes == ["cat", "dog"]
+    assert _load_all(train) == (6, len(TRAIN_BAD))
+    assert set(train.skipped) == {str(bad_root / "train" / "cat" / name) for name in TRAIN_BAD}
+    for name, reason in TRAIN_BAD.items():
+        assert reason in train.skipped[str(bad_root / "train" / "cat" / name)], name
+    assert _load_all(val) == (4, len(VAL_BAD))
+    assert set(val.skipped) == {str(bad_root / "val" / name) for name in VAL_BAD}
+    for name, reason in VAL_BAD.items():
+        assert reason in val.skipped[str(bad_root / "val" / name)], name
+    _load_all(val)
+    assert len(val.skipped) == len(VAL_BAD), "a file skipped every epoch is recorded once"
+
+
+def test_skips_in_worker_processes_are_recorded_in_the_main_process(bad_root):
+    val = ImageFolderData(bad_root / "val", 32, train=False)
+    assert _load_all(val, workers=2) == (4, len(VAL_BAD))
+    assert set(val.skipped) == {str(bad_root / "val" / name) for name in VAL_BAD}
+
+
+def test_skipped_txt_names_each_file_once_per_rank_and_keeps_earlier_lines(bad_root, tmp_path):
+    train, val = folder_datasets(bad_root, 32)
+    _load_all(train)
+    assert write_skipped(tmp_path, TensorData(torch.zeros(1), torch.zeros(1), 1), val) is None
+    path = write_skipped(tmp_path, train, val)
+    assert path == tmp_path / "skipped.txt"
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(TRAIN_BAD) and all(line.count("\t") == 1 for line in lines)
+    assert dict(line.split("\t") for line in lines) == train.skipped
+    _load_all(val)
+    resumed_val = ImageFolderData(bad_root / "val", 32, train=False)  # a resumed run starts with no records
+    _load_all(resumed_val)
+    write_skipped(tmp_path, resumed_val)
+    assert dict(line.split("\t") for line in path.read_text().splitlines()) == {**train.skipped, **val.skipped}
+    assert write_skipped(tmp_path, val, rank=3) == tmp_path / "skipped-rank3.txt"
+
+
+def test_pixel_limit_is_a_parameter_checked_before_decoding(bad_root):
+    good = bad_root / "train" / "dog" / "good_0.png"
+    with pytest.raises(ValueError, match="96x64 pixels is over the 6,000-pixel limit"):
+        load_image(good, 32, max_pixels=6000)
+    assert load_image(good, 32, max_pixels=96 * 64).size == (96, 64)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="running as root, which reads any file whatever its permissions")
+def test_an_image_without_read_permission_is_skipped(tmp_path):
+    _small_images(tmp_path / "train" / "cat", ".png", 2)
+    locked = tmp_path / "train" / "cat" / "good_1.png"
+    locked.chmod(0)
+    data = ImageFolderData(tmp_path / "train", 32, train=False)
+    assert _load_all(data) == (1, 1)
+    assert "PermissionError" in data.skipped[str(locked)]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_empty_class_folder_is_an_error_naming_it(tmp_path, split):
+    for name in ("train", "val"):
+        _small_images(tmp_path / name / "cat", ".png", 1)
+    (tmp_path / split / "empty").mkdir()
+    (tmp_path / split / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=f"class folder {tmp_path / split / 'empty'} has no images .*; "
+                                         "remove it or add images$"):
+        folder_datasets(tmp_path, 32)
+
+
+def test_train_and_val_must_have_the_same_classes(tmp_path):
+    for split, names in (("train", ("cat", "dog")), ("val", ("cat", "fox"))):
+        for name in names:
+            _small_images(tmp_path / split / name, ".png", 1)
+    with pytest.raises(ValueError, match="only in train: dog; only in val: fox\\); give both the same class"):
+        folder_datasets(tmp_path, 32)

@@ -16,6 +16,8 @@ from typing import Iterator
 
 import torch
 
+from ipex_lars.data.folder import collate_skipping_bad, limit_worker_threads
+
 
 @dataclass
 class TensorData:
@@ -98,11 +100,13 @@ def eval_batches(data, batch: int = 256, workers: int = 0) -> Iterator[Batch]:
     yield from _folder_loader(data, workers, 0, batch_size=batch)
 
 
-def _folder_loader(data, workers: int, seed: int, **batching) -> torch.utils.data.DataLoader:
-    """A DataLoader over an image folder: bad images skipped, one thread per worker, and its own
-    generator, so creating it does not draw from the global RNG (dropout's), which resume relies on."""
-    from ipex_lars.data.folder import collate_skipping_bad, limit_worker_threads
-
-    return torch.utils.data.DataLoader(data, num_workers=workers, collate_fn=collate_skipping_bad,
-                                       worker_init_fn=limit_worker_threads,
-                                       generator=torch.Generator().manual_seed(seed), **batching)
+def _folder_loader(data, workers: int, seed: int, **batching) -> Iterator[Batch]:
+    """Batches from a DataLoader over an image folder: one thread per worker, and its own generator, so
+    creating it does not draw from the global RNG (dropout's), which resume relies on. Unreadable images
+    are left out, counted in the batch, and recorded on ``data`` here, in the process that owns it."""
+    loader = torch.utils.data.DataLoader(data, num_workers=workers, collate_fn=collate_skipping_bad,
+                                         worker_init_fn=limit_worker_threads,
+                                         generator=torch.Generator().manual_seed(seed), **batching)
+    for images, labels, skips in loader:
+        data.record_skips(skips)
+        yield images, labels, len(skips)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ipex_lars.data.folder import MAX_PIXELS, folder_datasets
 from ipex_lars.data.loader import TensorData
 
 
@@ -41,16 +42,15 @@ def synthetic(num_samples: int, image_size: int, channels: int = 3, num_classes:
 
 
 def build_datasets(name: str, *, seed: int = 0, num_samples: int = 2048, image_size: int = 224,
-                   num_classes: int = 1000, data_dir: str = ""):
-    """Train and validation data for a recipe's ``data`` field."""
+                   num_classes: int = 1000, data_dir: str = "", max_pixels: int = MAX_PIXELS):
+    """Train and validation data for a recipe's ``data`` field; ``imagefolder`` skips (and records)
+    images over ``max_pixels``."""
     if name == "digits":
         return digits(seed=seed)
     if name == "synthetic":
         return synthetic(num_samples, image_size, num_classes=num_classes, seed=seed)
     if name == "imagefolder":
-        from ipex_lars.data.folder import folder_datasets
-
         if not data_dir:
             raise ValueError("data imagefolder needs --data-dir ROOT (with ROOT/train/CLASS/*.JPEG and ROOT/val/...)")
-        return folder_datasets(data_dir, image_size)
+        return folder_datasets(data_dir, image_size, max_pixels)
     raise ValueError(f"unknown dataset {name!r}; choose digits, synthetic or imagefolder")

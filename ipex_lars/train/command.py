@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (each overrides the recipe)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default {f.default!r})"
+        valid = f.metadata.get("range")
+        help_text = f"{f.metadata['help']} ({f'{valid}, ' if valid else ''}default {f.default!r})"
         kind = field_type(f)
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ipex_lars.train.checkpoint import SaveError
     from ipex_lars.train.config import load_config
     from ipex_lars.train.engine import Interrupted, train
 
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg)
     except Interrupted:
         return 130
-    except ValueError as exc:
+    except (ValueError, SaveError) as exc:
         print(f"ipex-lars train: error: {exc}", file=sys.stderr)
         return 2
     if result.get("rank", 0) != 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,8 +12,34 @@ import yaml
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def _opt(default, help: str, choices: tuple | None = None):  # noqa: A002
-    return field(default=default, metadata={"help": help, "choices": choices})
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: from ``low`` up to ``high`` (None: no upper end), each end
+    included unless marked open; a float must also be finite."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above_low = value > self.low or (value == self.low and not self.low_open)
+        below_high = self.high is None or value < self.high or (value == self.high and not self.high_open)
+        return above_low and below_high
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, ABOVE_0, FRACTION = Range(0), Range(1), Range(0, low_open=True), Range(0, 1, high_open=True)
+
+
+def _opt(default, help: str, choices: tuple | None = None, valid: Range | None = None):  # noqa: A002
+    return field(default=default, metadata={"help": help, "choices": choices, "range": valid})
 
 
 @dataclass
@@ -22,23 +49,26 @@ class TrainConfig:
     model: str = _opt("digits_cnn", "network", ("digits_cnn", "alexnet_bn", "resnet50"))
     data: str = _opt("digits", "dataset", ("digits", "synthetic", "imagefolder"))
     data_dir: str = _opt("", "imagefolder root holding train/CLASS/*.JPEG and val/CLASS/*.JPEG")
-    workers: int = _opt(4, "DataLoader worker processes decoding images (imagefolder)")
-    image_size: int = _opt(224, "training crop side (imagefolder, synthetic)")
-    num_samples: int = _opt(2048, "training samples for synthetic data")
-    num_classes: int = _opt(1000, "classes for synthetic data")
-    epochs: int = _opt(40, "training epochs")
-    global_batch: int = _opt(512, "images per optimizer step over all ranks and accumulation steps")
-    accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step on each rank")
+    workers: int = _opt(4, "DataLoader worker processes decoding images (imagefolder)", valid=AT_LEAST_0)
+    image_size: int = _opt(224, "training crop side (imagefolder, synthetic)", valid=AT_LEAST_1)
+    max_image_pixels: int = _opt(64_000_000, "imagefolder images with more pixels are skipped (and named in "
+                                 "skipped.txt), checked from the header before decoding", valid=AT_LEAST_1)
+    num_samples: int = _opt(2048, "training samples for synthetic data", valid=AT_LEAST_1)
+    num_classes: int = _opt(1000, "classes for synthetic data", valid=AT_LEAST_1)
+    epochs: int = _opt(40, "training epochs", valid=AT_LEAST_1)
+    global_batch: int = _opt(512, "images per optimizer step over all ranks and accumulation steps",
+                             valid=AT_LEAST_1)
+    accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step on each rank", valid=AT_LEAST_1)
     optimizer: str = _opt("lars", "optimizer", ("lars", "sgd"))
-    lr: float = _opt(2.0, "peak learning rate (after warmup)")
-    momentum: float = _opt(0.9, "momentum")
-    weight_decay: float = _opt(5e-4, "weight decay (not applied to BN and bias)")
-    trust_coefficient: float = _opt(0.001, "LARS trust coefficient eta")
+    lr: float = _opt(2.0, "peak learning rate (after warmup)", valid=AT_LEAST_0)
+    momentum: float = _opt(0.9, "momentum", valid=FRACTION)
+    weight_decay: float = _opt(5e-4, "weight decay (not applied to BN and bias)", valid=AT_LEAST_0)
+    trust_coefficient: float = _opt(0.001, "LARS trust coefficient eta", valid=ABOVE_0)
     momentum_style: str = _opt("paper", "LARS momentum form", ("paper", "sgd"))
-    warmup_epochs: float = _opt(2.0, "linear warmup length in epochs")
-    poly_power: float = _opt(2.0, "power of the polynomial decay after warmup")
-    end_lr: float = _opt(0.0, "learning rate at the end of training")
-    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
+    warmup_epochs: float = _opt(2.0, "linear warmup length in epochs", valid=AT_LEAST_0)
+    poly_power: float = _opt(2.0, "power of the polynomial decay after warmup", valid=ABOVE_0)
+    end_lr: float = _opt(0.0, "learning rate at the end of training", valid=AT_LEAST_0)
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", valid=FRACTION)
     precision: str = _opt("fp32", "compute precision; auto: bf16 where the CPU computes it natively "
                           "(AVX512_BF16, AVX_NE_CONVERT, AMX), else fp32", ("auto", "fp32", "bf16"))
     channels_last: bool = _opt(False, "use the channels-last memory format")
@@ -48,17 +78,20 @@ class TrainConfig:
     overlap_optimizer: bool = _opt(False, "with several ranks, run LARS on each gradient bucket as soon as its allreduce "
                                    "completes, during backward (same weights; a non-finite bucket is skipped alone)")
     bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size in MB: smaller buckets start allreduce (and, with "
-                                     "overlap_optimizer, LARS) earlier in backward, at more messages per step")
+                                     "overlap_optimizer, LARS) earlier in backward, at more messages per step",
+                                valid=ABOVE_0)
     dist_backend: str = _opt("auto", "torch.distributed backend for multi-rank runs (auto: oneccl, else gloo)",
                              ("auto", "oneccl", "gloo", "ccl"))
-    seed: int = _opt(0, "seed of initialisation, data order and dropout")
+    seed: int = _opt(0, "seed of initialisation, data order and dropout", valid=Range(0, 2**32 - 1))
     out_dir: str = _opt("runs/digits", "where checkpoints and metrics go")
-    checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end of every epoch")
-    keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
+    checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end of every epoch",
+                                 valid=AT_LEAST_0)
+    keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep", valid=AT_LEAST_1)
     resume: str = _opt("", "checkpoint file to resume from, or 'auto' for the newest in out_dir")
-    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = run all epochs)")
+    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = run all epochs)",
+                          valid=AT_LEAST_0)
     skip_nonfinite: bool = _opt(True, "skip (and count) steps whose gradients are not finite")
-    threads: int = _opt(0, "intra-op threads (0 = torch's default)")
+    threads: int = _opt(0, "intra-op threads (0 = torch's default)", valid=AT_LEAST_0)
     progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -66,18 +99,15 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} = {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
-        for name in ("epochs", "global_batch", "accum_steps", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            valid = f.metadata.get("range")
+            if valid is not None and getattr(self, f.name) not in valid:
+                number = "a finite number " if field_type(f) is float else ""
+                raise ValueError(f"{f.name} must be {number}{valid}, got {getattr(self, f.name)!r}")
         if self.overlap_optimizer and self.optimizer != "lars":
             raise ValueError("overlap_optimizer steps LARS bucket by bucket; use optimizer lars, or drop it")
         if self.overlap_optimizer and self.backend == "ipex" and self.precision == "bf16":
             raise ValueError("overlap_optimizer cannot update IPEX's bf16 master weights, which change only in "
                              "optimizer.step(); use backend native for bf16, precision fp32, or drop it")
-        if self.bucket_cap_mb <= 0:
-            raise ValueError(f"bucket_cap_mb must be > 0, got {self.bucket_cap_mb}")
-        if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ValueError("lr, weight_decay and warmup_epochs must be >= 0")
 
 
 def recipe_path(name: str) -> Path:

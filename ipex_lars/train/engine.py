@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import signal
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ipex_lars.distributed as ild
-from ipex_lars.data import BatchPlan, build_datasets, epoch_batches, eval_batches
+from ipex_lars.data import BatchPlan, build_datasets, epoch_batches, eval_batches, write_skipped
 from ipex_lars.models import create_model
 from ipex_lars.optim import LARS, WarmupPolyLR, lars_param_groups
 from ipex_lars.train import checkpoint, precision
@@ -92,11 +94,12 @@ def wrap_model(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCon
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, cfg: TrainConfig) -> dict:
-    """Top-1 and top-5 accuracy (percent) and mean loss on the readable images of ``data``."""
+    """Top-1 and top-5 accuracy (percent), mean loss on the readable images of ``data``, and how many were not."""
     model.eval()
-    correct1 = correct5 = n = 0
+    correct1 = correct5 = n = unreadable = 0
     loss = 0.0
-    for images, y, _ in eval_batches(data, workers=cfg.workers):
+    for images, y, bad in eval_batches(data, workers=cfg.workers):
+        unreadable += bad
         if not len(y):
             continue
         x = _to_input(images, cfg)
@@ -109,19 +112,22 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig) -> dict:
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
     model.train()
     n = max(n, 1)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss / n}
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss / n,
+            "skipped_images": unreadable}
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training ``cfg`` describes; return the final metrics."""
     cfg, precision_note = precision.choose(cfg)
+    out = Path(cfg.out_dir)
+    _prepare_out_dir(out)
     rank, world, joined = init_distributed(cfg)
     _log(rank, precision_note)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_data, val_data = build_datasets(cfg.data, seed=cfg.seed, num_samples=cfg.num_samples,
                                           image_size=cfg.image_size, num_classes=cfg.num_classes,
-                                          data_dir=cfg.data_dir)
+                                          data_dir=cfg.data_dir, max_pixels=cfg.max_image_pixels)
     plan = BatchPlan(len(train_data), cfg.global_batch, cfg.accum_steps, rank, world, cfg.seed)
     steps_per_epoch = plan.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
@@ -138,12 +144,15 @@ def train(cfg: TrainConfig) -> dict:
                              power=cfg.poly_power, end_lr=cfg.end_lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    step = 0
-    resume_from = _resume_path(cfg, out)
-    if resume_from is not None:
-        step = _restore(checkpoint.load(resume_from), cfg, model, optimizer, scheduler)
+    if rank == 0 and (removed := checkpoint.remove_interrupted(out))[0]:
+        files, freed = removed
+        _log(rank, f"removed {files} temp file(s) of interrupted checkpoint saves from {out}, freeing {freed} bytes"
+                   + (f" ({checkpoint.human_size(freed)})" if freed >= 1000 else ""))
+    step, resume_from = 0, None
+    if resumed := _resume_state(cfg, out, rank):
+        resume_from, state = resumed
+        step = _restore(state, cfg, model, optimizer, scheduler)
+        del resumed, state  # free the checkpoint's copy of the weights
         _log(rank, f"resumed from {resume_from} at step {step}")
     elif existing := checkpoint.all_checkpoints(out):
         raise ValueError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue that run with "
@@ -212,6 +221,8 @@ def train(cfg: TrainConfig) -> dict:
             progress.close()
         if metrics:
             metrics.close()
+        if skip_log := write_skipped(out, train_data, val_data, rank=rank):
+            _log(rank, f"unreadable images skipped so far are named in {skip_log}")
     if rank == 0:
         save_checkpoint()
     if "val_top1" not in result:
@@ -319,13 +330,42 @@ def _restore(state: dict, cfg: TrainConfig, model, optimizer, scheduler) -> int:
     return state["step"]
 
 
-def _resume_path(cfg: TrainConfig, out: Path) -> Path | None:
+def _resume_state(cfg: TrainConfig, out: Path, rank: int) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and what it holds, or None to start afresh.
+
+    ``--resume FILE`` must be intact; ``--resume auto`` takes the newest intact checkpoint in ``out``,
+    warning about each damaged one it passes over.
+    """
     if not cfg.resume:
         return None
-    if cfg.resume == "auto":
-        found = checkpoint.all_checkpoints(out)
-        return found[-1] if found else None
-    return Path(cfg.resume)
+    if cfg.resume != "auto":
+        try:
+            return Path(cfg.resume), checkpoint.load(cfg.resume, quiet=rank != 0)
+        except checkpoint.CorruptCheckpoint as exc:
+            raise ValueError(f"{exc}; resume from another one, or use --resume auto for the newest intact one "
+                             "in --out-dir") from None
+    found = checkpoint.all_checkpoints(out)
+    for path in reversed(found):
+        try:
+            return path, checkpoint.load(path, quiet=rank != 0)
+        except checkpoint.CorruptCheckpoint as exc:
+            _warn(rank, f"{exc}; --resume auto skips it")
+    if found:
+        raise ValueError(f"none of the {len(found)} checkpoint(s) in {out} is intact (see the warnings above); "
+                         "start afresh in a new --out-dir")
+    return None
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Create ``out`` if needed and make sure files can be written there, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} is a file, not a folder; pick a folder with --out-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise ValueError(f"out_dir {out} is not writable ({exc.strerror or exc}); pick a writable folder with "
+                         "--out-dir") from None
 
 
 def init_distributed(cfg: TrainConfig) -> tuple[int, int, bool]:
@@ -351,3 +391,8 @@ def _progress(rank: int, total: int, done: int):
 def _log(rank: int, message: str) -> None:
     if rank == 0:
         print(f"[ipex-lars] {message}", flush=True)
+
+
+def _warn(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"[ipex-lars] warning: {message}", file=sys.stderr, flush=True)
