@@ -8,6 +8,8 @@ import os
 import select
 import sys
 
+from launchers.argtypes import OneLineParser
+
 # subcommand -> module with add_arguments(parser) and run(args) -> exit code
 COMMANDS = {
     "train": ("ipex_lars.train.command", "train a model with LARS from a recipe (default: the digits main job)"),
@@ -38,7 +40,7 @@ def _register(subparsers, table: dict[str, tuple[str, str]]) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(  # subcommands inherit it: every usage error is one line, exit 2
         prog="ipex-lars",
         description="Large-batch training with LARS on Xeon CPUs. Run `ipex-lars COMMAND --help` for details.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

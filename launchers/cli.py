@@ -18,18 +18,16 @@ from affinity.machine import Machine, MachineError, load_machine, this_machine
 from affinity.plan import NodePlan, PlanError, PlanRequest, make_plan, place_memory
 from affinity.topology import Topology, TopologyError, load_topology
 from launchers import local, mpi, slurm, torchrun_env
+from launchers.argtypes import OneLineParser, float_range, int_range
 from launchers.hostfile import HostfileError, read_hostfile
+from launchers.guard import GRACE
 from launchers.job import Job, LaunchError
+from launchers.supervise import DEFAULT_GRACE_S
 
 LAUNCHERS = ("local", "mpi", "slurm", "torchrun-env")
 USAGE_ERRORS = (PlanError, TopologyError, MachineError, HostfileError, EnvError, LaunchError, CpuListError)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors on one line (exit code 2) instead of usage + error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+MAX_CPUS = 8192  # Linux's limit (CONFIG_NR_CPUS with MAXSMP)
+PER_NODE = int_range(1, MAX_CPUS)
 
 
 def memory_node(text: str) -> str:
@@ -42,12 +40,13 @@ def memory_node(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lars-run", description=(
+    p = OneLineParser(prog="lars-run", description=(
         "Run PROGRAM as pinned instances (one per NUMA node by default) on this machine, or as "
         "ranks on several nodes via Intel MPI, Slurm or torchrun-style env. Each rank gets its own "
         "physical cores, memory on its NUMA node (or, with --memory-node hbm, on the nearest HBM/MCDRAM "
         "node), OMP_NUM_THREADS and affinity variables, and (multi-rank) oneCCL worker cores. Use "
-        "--dry-run --json to see the plan without running."),
+        "--dry-run --json to see the plan without running. SIGTERM, SIGINT or SIGHUP to lars-run reaches every "
+        "rank (see --grace-period); when one rank fails, lars-run stops the others and names it."),
         epilog="examples:\n  lars-run --ninstances 2 bench.py\n"
                "  lars-run --nnodes 2 --nprocs-per-node 2 --hostfile hosts -m ipex_lars train\n"
                "  lars-run --dry-run --json --topology xeon.lscpu --nprocs-per-node 2 train.py\n"
@@ -56,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                "      (max9480/ written on the target by `python -m affinity.machine --save max9480`)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("instances and cores")
-    g.add_argument("--ninstances", type=int, help="processes on this machine (default: one per NUMA node)")
-    g.add_argument("--ncores-per-instance", type=int,
+    g.add_argument("--ninstances", type=PER_NODE, help="processes on this machine (default: one per NUMA node)")
+    g.add_argument("--ncores-per-instance", type=int_range(1, MAX_CPUS),
                    help="OpenMP cores per instance (default: the largest even split that keeps each "
                         "instance inside one NUMA node); oneCCL worker cores come on top")
     g.add_argument("--nodes-list", help="NUMA nodes to use, e.g. 0,1 or 0-3 (default: all allowed)")
@@ -103,14 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: independent instances; mpi: mpiexec.hydra (impi-rt); slurm: srun; "
                         "torchrun-env: spawn this node's ranks with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* "
                         "(default: mpi if --nnodes/--nprocs-per-node/--hostfile is given, else local)")
-    d.add_argument("--nnodes", type=int, help="number of nodes (default: hosts in --hostfile, else 1)")
-    d.add_argument("--nprocs-per-node", type=int, help="ranks per node (default: one per NUMA node)")
-    d.add_argument("--node-rank", type=int, default=0,
+    d.add_argument("--nnodes", type=int_range(1, 65536), help="number of nodes (default: hosts in --hostfile, else 1)")
+    d.add_argument("--nprocs-per-node", type=PER_NODE, help="ranks per node (default: one per NUMA node)")
+    d.add_argument("--node-rank", type=int_range(0, 65535), default=0,
                    help="torchrun-env: index of this machine in the hostfile (default 0)")
     d.add_argument("--hostfile", help="one hostname or IP per line; first host is the default master")
     d.add_argument("--master-addr", help="rendezvous address (default: first host, or 127.0.0.1)")
-    d.add_argument("--master-port", type=int, default=29500, help="rendezvous port (default 29500)")
-    d.add_argument("--ccl-worker-count", type=int,
+    d.add_argument("--master-port", type=int_range(1, 65535), default=29500,
+                   help="rendezvous port, 1-65535 (default 29500)")
+    d.add_argument("--ccl-worker-count", type=int_range(0, 64),
                    help="oneCCL worker threads per rank, each pinned to a core of its own when one is "
                         "spare (default: 1 for multi-rank launches, 0 for independent instances)")
     d.add_argument("--logical-cores-for-ccl", action="store_true",
@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "taking physical cores from OpenMP")
     d.add_argument("--mpiexec", metavar="PATH",
                    help="mpiexec.hydra to use (default: next to this Python, else on PATH)")
+    s = p.add_argument_group("stopping")
+    s.add_argument("--grace-period", type=GRACE, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                   help="SIGTERM, SIGINT or SIGHUP to lars-run is passed to every rank (SIGINT as SIGINT, "
+                        "the others as SIGTERM; mpiexec and srun relay it to every host); when a rank exits "
+                        "non-zero or is killed, the others get SIGTERM. Either way ranks then have SECONDS "
+                        "(0-3600, default 30) to save and exit before they are SIGKILLed with everything they "
+                        "started; Ctrl-C twice kills at once. lars-run then exits 128+signal, or with the "
+                        "failed rank's code, named in one line")
     o = p.add_argument_group("output")
     o.add_argument("--log-dir", help="write each process's stdout+stderr to LOG_DIR/rank_<N>.log")
     o.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
@@ -151,8 +159,6 @@ def program_argv(args: argparse.Namespace, spawned_here: bool) -> list[str]:
 def _hosts(args: argparse.Namespace, launcher: str) -> list[str]:
     hosts = read_hostfile(args.hostfile) if args.hostfile else None
     nnodes = args.nnodes if args.nnodes is not None else (len(hosts) if hosts else 1)
-    if nnodes < 1:
-        raise LaunchError("--nnodes must be >= 1")
     if hosts is None:
         if nnodes == 1:
             return ["localhost"]
@@ -273,9 +279,10 @@ def make_job(args: argparse.Namespace) -> Job:
             exe = mpi.MPIEXEC
             plan.notes.append("mpiexec.hydra not found here; shown by name")
         return mpi.build(plan, hosts, program, choice, master_addr=master, master_port=args.master_port,
-                         mpiexec=exe, log_dir=args.log_dir, bind_memory=bind_memory)
+                         mpiexec=exe, log_dir=args.log_dir, bind_memory=bind_memory, grace=args.grace_period)
     return slurm.build(plan, hosts, program, choice, master_addr=master, master_port=args.master_port,
-                       nodelist=bool(args.hostfile), log_dir=args.log_dir, bind_memory=bind_memory)
+                       nodelist=bool(args.hostfile), log_dir=args.log_dir, bind_memory=bind_memory,
+                       grace=args.grace_period)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         for note in job.notes:
             print(f"lars-run: note: {note}", file=sys.stderr)
         if job.launcher == "local":
-            return local.run(job, args.log_dir)
+            return local.run(job, args.log_dir, args.grace_period)
         if job.launcher == "torchrun-env":
-            return local.run(torchrun_env.this_node(job, args.node_rank), args.log_dir)
-        return mpi.run_outer(job, args.log_dir)
+            return local.run(torchrun_env.this_node(job, args.node_rank), args.log_dir, args.grace_period)
+        return mpi.run_outer(job, args.log_dir, args.grace_period)
     except USAGE_ERRORS as exc:
         print(f"lars-run: error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ Pinning tool, detected by trying it (containers often lack numactl or forbid
 ``set_mempolicy``): numactl (cores + memory), else taskset (cores), else
 ``os.sched_setaffinity`` in the child before exec (always available on Linux).
 Only numactl binds memory, so ``--memory-node`` needs it (the other launchers use it too).
+Each rank leads a session of its own and is supervised by :mod:`launchers.supervise`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from affinity.cpuset import format_cpulist
 from affinity.env import EnvChoice, merge_preload, rank_env
 from affinity.plan import NodePlan, RankPlan
 from launchers.job import Job, LaunchError, RankLaunch, make_log_dir
+from launchers.supervise import Child, JobRun, catching, child_setup
 
 BINDERS = ("auto", "numactl", "taskset", "sched", "none")
 
@@ -83,32 +85,24 @@ def bind_prefix(binder: str, rank: RankPlan) -> list[str]:
     return []
 
 
-def _exit_code(rc: int) -> int:
-    """Shell convention: a child killed by signal N counts as 128+N."""
-    return 128 - rc if rc < 0 else rc
-
-
 def spawn(rank: RankLaunch, binder: str, log_dir: Path | None) -> subprocess.Popen:
-    """Start one rank with its env; stdout+stderr go to ``log_dir/rank_<rank>.log`` if given."""
+    """Start one rank with its env, leading a session of its own and SIGKILLed should lars-run die;
+    stdout+stderr go to ``log_dir/rank_<rank>.log`` if given."""
     env = dict(os.environ)
     env.update(merge_preload(rank.env, os.environ.get("LD_PRELOAD")))
     cpus = rank.plan.cpus
-    preexec = (lambda: os.sched_setaffinity(0, cpus)) if binder == "sched" else None
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if binder == "sched" else None
     out = None
     if log_dir is not None:
         out = open(log_dir / f"rank_{rank.rank}.log", "wb")
     try:
         return subprocess.Popen(rank.command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                preexec_fn=preexec)
+                                start_new_session=True, preexec_fn=child_setup(signal.SIGKILL, then=pin))
     except OSError as exc:
         raise LaunchError(f"cannot start {rank.command[0]!r}: {exc.strerror}; check the program path") from None
     finally:
         if out is not None:
             out.close()
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def build(node_plan: NodePlan, choice: EnvChoice, program: list[str], binder: str, *,
@@ -122,31 +116,22 @@ def build(node_plan: NodePlan, choice: EnvChoice, program: list[str], binder: st
                binds_memory=binder == "numactl")
 
 
-def run(job: Job, log_dir: str | None) -> int:
-    """Start every rank of ``job`` here, wait for all, return the worst exit code.
-
-    Ctrl-C / SIGTERM are forwarded to the children so no pinned process is left behind.
-    """
+def run(job: Job, log_dir: str | None, grace: float) -> int:
+    """Start every rank of ``job`` here and supervise them to the end (signals forwarded, a failed
+    rank ends the job, SIGKILL after ``grace`` seconds); returns lars-run's exit code."""
     logs = make_log_dir(log_dir)
-    procs: list[subprocess.Popen] = []
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        for rank in job.ranks:
-            procs.append(spawn(rank, job.binder, logs))
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        codes = [p.wait() for p in procs] + [-signal.SIGINT]
-    except LaunchError:
-        for p in procs:
-            p.kill()
-            p.wait()
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    worst = max(_exit_code(c) for c in codes)
+    with catching() as pending:
+        children: list[Child] = []
+        try:
+            for rank in job.ranks:
+                children.append(Child(f"rank {rank.rank} on {rank.host}", spawn(rank, job.binder, logs)))
+        except LaunchError:
+            for c in children:
+                c.kill()
+                c.proc.wait()
+            raise
+        code = JobRun(children, grace, pending).run()
     if logs is not None:
-        print(f"lars-run: {len(procs)} process(es) done, logs in {logs}/rank_*.log, worst exit code {worst}",
+        print(f"lars-run: {len(children)} process(es) done, logs in {logs}/rank_*.log, exit code {code}",
               file=sys.stderr)
-    return worst
+    return code

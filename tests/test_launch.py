@@ -24,6 +24,7 @@ ALLOWED = sorted(os.sched_getaffinity(0))
 FIRST = RankPlan(0, (0,), (ALLOWED[0],), memory_nodes=(0,))  # a rank on the first allowed CPU
 MPIEXEC = Path(sys.executable).parent / "mpiexec.hydra"
 two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 allowed CPUs")
+GUARD = [sys.executable, "-m", "launchers.guard", "--grace-period", "30"]  # in front of mpi and slurm ranks
 
 PROBE = """\
 import json, os, sys
@@ -72,10 +73,10 @@ def test_two_local_instances_each_see_their_own_cores(tmp_path, probe, manager):
 
 
 @two_cpus
-def test_worst_exit_code_is_returned(probe):
+def test_failed_instance_ends_the_job_and_its_exit_code_is_returned(probe):
     res = lars_run("--ninstances", "2", str(probe), "3")  # the instance on the last CPU exits 3
     assert res.returncode == 3
-    assert len(probes(res.stdout)) == 2
+    assert "lars-run: rank 1 on localhost (pid " in res.stderr and "exited with code 3" in res.stderr
 
 
 @two_cpus
@@ -187,14 +188,19 @@ def test_dry_run_json_plans_a_described_two_node_cluster(tmp_path):
     assert ranks[0]["env"]["MASTER_ADDR"] == "xeon-a"
     cmd = plan["command"]
     assert cmd[0].endswith("mpiexec.hydra") and cmd.count(":") == 3 and cmd.count("-host") == 4
+    assert cmd.count("launchers.guard") == 4 and cmd.count("--pmi-abort") == 4
+    assert plan["launch_env"]["I_MPI_JOB_ABORT_SIGNAL"] == "15"  # a failed rank's guard aborts: others get SIGTERM
     assert ranks[0]["command"][-2:] == ["-m", "ipex_lars.train"]
 
 
 def test_dry_run_plans_slurm_with_cpu_masks():
     plan = _plan("--launcher", "slurm", "--topology", str(TOPOS / "2s8c_snc2_ht.lscpu"), "--nnodes", "2",
-                 "--master-addr", "head", "train.py")
+                 "--master-addr", "head", "--grace-period", "12.5", "train.py")
     assert len(plan["ranks"]) == 8 and plan["command"][0] == "srun"
     assert "--cpu-bind=mask_cpu:0xf,0xf0,0xf00,0xf000" in plan["command"]
+    guard = GUARD[:-1] + ["12.5", "--"]
+    start = plan["command"].index(sys.executable)
+    assert plan["command"][start:start + len(guard) + 3] == guard + [sys.executable, "-m", "launchers.rank_exec"]
     assert json.loads(plan["launch_env"]["LARS_RANK_ENVS"])[3]["GOMP_CPU_AFFINITY"] == "12-14"
 
 
@@ -239,7 +245,8 @@ def test_xeon_max_snc4_rank_on_node_k_prefers_hbm_node_k_plus_8(launcher):
     else:  # pinned by I_MPI_PIN_DOMAIN / srun, memory placed by numactl in front of each rank
         assert [c[:2] for c in commands] == [["numactl", f"--preferred={k + 8}"] for k in range(8)]
     if launcher == "mpi":
-        assert " -n 1 -env GOMP_CPU_AFFINITY 70-82 numactl --preferred=13 " in " ".join(plan["command"])
+        assert (" -n 1 -env GOMP_CPU_AFFINITY 70-82 " + " ".join(GUARD) + " --pmi-abort -- numactl --preferred=13 "
+                in " ".join(plan["command"]))
     if launcher == "slurm":
         assert json.loads(plan["launch_env"]["LARS_RANK_PREFIXES"])[5] == ["numactl", "--preferred=13"]
 
@@ -338,7 +345,18 @@ def test_memory_node_really_places_memory_here(choice, policy):
     (["/nonexistent/train.py"], "script /nonexistent/train.py not found"),
     (["--topology", str(TOPOS / "1s4c_noht.lscpu"), "x.py"], "add --dry-run"),
     (["--allowed-cpus", "0-4095", "x.py"], "includes CPUs this process may not use"),
-    (["--launcher", "mpi", "--nnodes", "0", "x.py"], "--nnodes must be >= 1"),
+    (["--launcher", "mpi", "--nnodes", "0", "x.py"], "argument --nnodes: expected a whole number from 1 to 65536, got '0'"),
+    (["--nprocs-per-node", "0", "x.py"], "argument --nprocs-per-node: expected a whole number from 1 to 8192, got '0'"),
+    (["--ninstances", "-2", "x.py"], "argument --ninstances: expected a whole number from 1 to 8192, got '-2'"),
+    (["--ncores-per-instance", "0", "x.py"], "argument --ncores-per-instance: expected a whole number from 1 to"),
+    (["--master-port", "99999", "x.py"], "argument --master-port: expected a whole number from 1 to 65535, got '99999'"),
+    (["--master-port", "-1", "x.py"], "argument --master-port: expected a whole number from 1 to 65535, got '-1'"),
+    (["--master-port", "http", "x.py"], "argument --master-port: expected a whole number from 1 to 65535"),
+    (["--node-rank", "-1", "x.py"], "argument --node-rank: expected a whole number from 0 to 65535, got '-1'"),
+    (["--dry-run", "--launcher", "torchrun-env", "--node-rank", "1", "x.py"], "--node-rank 1 is outside 0..0"),
+    (["--ccl-worker-count", "-1", "x.py"], "argument --ccl-worker-count: expected a whole number from 0 to 64"),
+    (["--grace-period", "-1", "x.py"], "argument --grace-period: expected a number from 0 to 3600, got '-1'"),
+    (["--grace-period", "nan", "x.py"], "argument --grace-period: expected a number from 0 to 3600, got 'nan'"),
     (["--dry-run", "--machine", str(MACHINES / "xeon-8160-2s"), "--memory-node", "99", "x.py"],
      f"no NUMA node 99 with memory on {MACHINES / 'xeon-8160-2s'} (nodes: 0-1)"),
     (["--dry-run", "--machine", str(MACHINES / "xeon-phi-7250-flat-quadrant"), "--memory-node", "2", "x.py"],
@@ -382,7 +400,7 @@ def test_bad_hostfile_entry_names_the_line(tmp_path):
 def test_help_documents_every_ipexrun_flag():
     res = lars_run("--help")
     assert res.returncode == 0
-    for flag in ["--ninstances", "--ncores-per-instance", "--nodes-list", "--use-logical-cores",
+    for flag in ["--grace-period", "--ninstances", "--ncores-per-instance", "--nodes-list", "--use-logical-cores",
                  "--throughput-mode", "--latency-mode", "--memory-allocator", "--omp-runtime",
                  "--multi-task-manager", "--nnodes", "--nprocs-per-node", "--ccl-worker-count",
                  "--logical-cores-for-ccl", "--hostfile", "--master-addr", "--master-port", "--log-dir",

@@ -20,10 +20,14 @@ import subprocess
 import sys
 import time
 
+from launchers.argtypes import csv_of, float_range, int_range
+
+BACKENDS = ("oneccl", "gloo")
 SIZES = ["1K", "4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M", "100M", "256M"]
 RESNET50_VALUES = 25_557_032
 RESNET50_TENSORS = 161
 TARGETS = {"allreduce 100M, 2 ranks": 2.5, "allreduce 1K, 2 ranks": 5.0, "DDP step, 2 ranks": 2.0}
+MAX_SIZE = 1 << 30  # each rank holds one tensor of the size
 
 
 def parse_size(size: str) -> int:
@@ -32,12 +36,35 @@ def parse_size(size: str) -> int:
     return int(float(size[:-1]) * units[size[-1]]) if size[-1] in units else int(size)
 
 
+def backend_name(text: str) -> str:
+    """argparse type of one ``--backends`` item."""
+    if text not in BACKENDS:
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}")
+    return text
+
+
+def size_text(text: str) -> str:
+    """argparse type of one ``--sizes`` item: 1 byte to 1G, kept as written (it labels the results)."""
+    try:
+        ok = 1 <= parse_size(text) <= MAX_SIZE
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backends", default="oneccl,gloo", help="comma-separated (default: oneccl,gloo)")
-    parser.add_argument("--worlds", default="2,4", help="rank counts to run (default: 2,4)")
-    parser.add_argument("--sizes", default=",".join(SIZES), help="allreduce message sizes, e.g. 1K,4M,256M")
-    parser.add_argument("--seconds", type=float, default=0.3, help="time budget per size (default 0.3)")
-    parser.add_argument("--ddp-steps", type=int, default=8, help="timed DDP steps (default 8)")
+    parser.add_argument("--backends", type=csv_of(backend_name, f"backends out of {', '.join(BACKENDS)}"),
+                        default=",".join(BACKENDS), help=f"comma-separated subset of {', '.join(BACKENDS)} "
+                                                         f"(default: {','.join(BACKENDS)})")
+    parser.add_argument("--worlds", type=csv_of(int_range(2, 256), "rank counts from 2 to 256"), default="2,4",
+                        help="rank counts to run, each 2-256 (default: 2,4)")
+    parser.add_argument("--sizes", type=csv_of(size_text, "sizes from 1 byte to 1G, e.g. 1K,4M,256M"),
+                        default=",".join(SIZES), help="allreduce message sizes from 1 byte to 1G, e.g. 1K,4M,256M")
+    parser.add_argument("--seconds", type=float_range(0, 3600, above=True), default=0.3,
+                        help="time budget per size, above 0 and up to 3600 (default 0.3)")
+    parser.add_argument("--ddp-steps", type=int_range(1, 10000), default=8, help="timed DDP steps, 1-10000 (default 8)")
     parser.add_argument("--json", metavar="PATH", help="also write the results to PATH")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run as one rank of a job
 
@@ -102,9 +129,9 @@ def _worker(args: argparse.Namespace) -> int:
     ild.init(backend=args.worker, timeout=120, verbose=False)
     torch.set_num_threads(1)
     result: dict[str, object] = {"allreduce_s": {}}
-    for size in args.sizes.split(","):
-        tensor = torch.ones(max(1, parse_size(size) // 4))
-        result["allreduce_s"][size] = _time_allreduce(torch, dist, tensor, args.seconds)
+    for label in args.sizes:
+        tensor = torch.ones(max(1, parse_size(label) // 4))
+        result["allreduce_s"][label] = _time_allreduce(torch, dist, tensor, args.seconds)
         del tensor
     result["ddp_step_s"] = _time_ddp_step(torch, dist, args.ddp_steps)
     if dist.get_rank() == 0:
@@ -124,7 +151,7 @@ def _free_port() -> int:
 
 def _job(backend: str, world: int, args: argparse.Namespace) -> dict:
     port = str(_free_port())
-    argv = [sys.executable, "-m", "ipex_lars.bench.comm", "--worker", backend, "--sizes", args.sizes,
+    argv = [sys.executable, "-m", "ipex_lars.bench.comm", "--worker", backend, "--sizes", ",".join(args.sizes),
             "--seconds", str(args.seconds), "--ddp-steps", str(args.ddp_steps)]
     procs = []
     for rank in range(world):
@@ -185,17 +212,7 @@ def _report(results: dict, backends: list[str], worlds: list[int], sizes: list[s
 def run(args: argparse.Namespace) -> int:
     if args.worker:
         return _worker(args)
-    backends = args.backends.split(",")
-    sizes = args.sizes.split(",")
-    try:
-        worlds = [int(w) for w in args.worlds.split(",")]
-        [parse_size(s) for s in sizes]
-        if args.ddp_steps < 1 or args.seconds <= 0 or min(worlds) < 2:
-            raise ValueError
-    except (ValueError, IndexError):
-        print("ipex-lars bench comm: error: --worlds takes rank counts >= 2 (e.g. 2,4), --sizes sizes like "
-              "1K,4M, --ddp-steps a count >= 1 and --seconds a time > 0", file=sys.stderr)
-        return 2
+    backends, worlds, sizes = args.backends, args.worlds, args.sizes
     results: dict[str, dict[str, dict]] = {b: {} for b in backends}
     for world in worlds:
         for b in backends:

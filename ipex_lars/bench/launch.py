@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from launchers.argtypes import float_range, int_range
+
 CHILD = r"""
 import json, os, sys, time
 import torch
@@ -56,11 +58,28 @@ SETUPS = (("pinned+capped", True, True), ("pinned, uncapped", True, False),
 BASELINE = "unpinned, uncapped"
 
 
+def physical_cores() -> int:
+    """Physical cores this process may use: lars-run gives each pinned instance cores of its own."""
+    from affinity.cpuset import allowed_cpus
+    from affinity.machine import this_machine
+
+    return len(this_machine().topology.restricted(allowed_cpus()).cores())
+
+
+def instances(text: str) -> int:
+    """argparse type of ``--instances``: 1 up to the physical cores here."""
+    return int_range(1, physical_cores())(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--instances", type=int, default=2, help="concurrent instances (default 2)")
-    parser.add_argument("--size", type=int, default=256, help="square matmul size (default 256)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="timed loop per set-up and round (default 2)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median is kept (default 2)")
+    parser.add_argument("--instances", type=instances, default=2,
+                        help="concurrent instances, 1 up to the physical cores here (default 2)")
+    parser.add_argument("--size", type=int_range(1, 16384), default=256,
+                        help="square matmul size, 1-16384 (default 256)")
+    parser.add_argument("--seconds", type=float_range(0, 3600, above=True), default=2.0,
+                        help="timed loop per set-up and round, above 0 and up to 3600 (default 2)")
+    parser.add_argument("--rounds", type=int_range(1, 100), default=2,
+                        help="interleaved rounds, 1-100; the median is kept (default 2)")
     parser.add_argument("--json-out", help="also write the JSON result to this file")
 
 
