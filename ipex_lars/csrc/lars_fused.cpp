@@ -224,10 +224,11 @@ std::string shape_of(const at::Tensor& t) {
 void validate(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& grads,
               const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& lows) {
   const size_t n = weights.size();
-  TORCH_CHECK_VALUE(grads.size() == n && bufs.size() == n && lows.size() == n,
-                    "LARS fused: weights, grads, momentum_buffers and low_params must have the same length");
+  TORCH_CHECK_VALUE(grads.size() == n && bufs.size() == n && (lows.empty() || lows.size() == n),
+                    "LARS fused: weights, grads, momentum_buffers and low_params (or []) must have the same length");
+  const at::Tensor none;
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor &w = weights[i], &g = grads[i], &v = bufs[i], &low = lows[i];
+    const at::Tensor &w = weights[i], &g = grads[i], &v = bufs[i], &low = lows.empty() ? none : lows[i];
     TORCH_CHECK_VALUE(w.defined() && g.defined() && v.defined(), "LARS fused: tensor ", i, " is undefined");
     TORCH_CHECK(!w.is_sparse() && !g.is_sparse() && !v.is_sparse(), "LARS does not support sparse gradients");
     TORCH_CHECK_VALUE(w.device().is_cpu() && g.device().is_cpu() && v.device().is_cpu(),
@@ -242,7 +243,7 @@ void validate(const std::vector<at::Tensor>& weights, const std::vector<at::Tens
     TORCH_CHECK_VALUE(v.sizes() == w.sizes(), "LARS state does not fit its parameter: momentum of shape ",
                       shape_of(v), " for a parameter of shape ", shape_of(w),
                       "; load the optimizer state saved with this model");
-    if (low.numel() > 0) {
+    if (low.defined() && low.numel() > 0) {
       TORCH_CHECK_VALUE(low.scalar_type() == at::kBFloat16 && low.device().is_cpu() && low.sizes() == w.sizes(),
                         "LARS fused: a parameter with an fp32 master copy must be a bfloat16 CPU tensor of its shape");
     }
@@ -278,7 +279,7 @@ bool prepare(int64_t i, const at::Tensor& w, const at::Tensor& g, const at::Tens
     vv = &temps.v[i];
   }
   s.low = nullptr;
-  if (low.numel() > 0) {
+  if (low.defined() && low.numel() > 0) {
     if (same_layout(low, *base)) {
       s.low = low.data_ptr<at::BFloat16>();
     } else {
@@ -296,7 +297,7 @@ bool prepare(int64_t i, const at::Tensor& w, const at::Tensor& g, const at::Tens
 
 // One LARS step over every tensor given, with one set of hyperparameters (one param group).
 // weights[i]: fp32 parameter or fp32 master of a bf16 parameter low_params[i] (an empty tensor
-// when there is none), refreshed from the master after the step.
+// when there is none; low_params empty when no tensor has one), refreshed from the master after the step.
 void lars_step(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& lows, double lr, double momentum,
                double weight_decay, double trust_coefficient, double eps, bool nesterov, bool paper_style, bool clip,
@@ -307,11 +308,12 @@ void lars_step(const std::vector<at::Tensor>& weights, const std::vector<at::Ten
   std::vector<Slot> slots(n);
   std::vector<uint8_t> large_flag(n, 0);
   Temps temps(n);
+  const at::Tensor none;
   // One pass: each thread prepares its share of the tensors and updates the small ones at once,
   // so a tensor's metadata and data are touched by one core, close together in time.
   at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      if (!prepare(i, weights[i], grads[i], bufs[i], lows[i], slots[i], temps)) continue;
+      if (!prepare(i, weights[i], grads[i], bufs[i], lows.empty() ? none : lows[i], slots[i], temps)) continue;
       if (slots[i].n <= kBlock) {
         step_small(slots[i], h);
       } else {

@@ -94,6 +94,9 @@ def lars(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers
                  nesterov=nesterov, momentum_style=momentum_style, clip=clip, adapt=adapt)
     impl = resolve_impl(impl)
     if impl == "fused":
+        if master_params is None:  # all float32: nothing to round into, which the kernel takes as []
+            fused.lars_fused(params, grads, momentum_buffers, [], **hyper)
+            return
         if len(masters) != len(params):
             raise ValueError("LARS: params and master_params must have the same length")
         weights = [p if m is None else m for p, m in zip(params, masters)]

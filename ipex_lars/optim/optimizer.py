@@ -208,22 +208,25 @@ class LARS(torch.optim.Optimizer):
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
         """Gather (params, grads, momentum, masters) from the state as it is now, and step them."""
         ps, grads, bufs, masters = [], [], [], []
-        state_of = self.state
+        state_of, bf16, any_master = self.state, torch.bfloat16, False
         for p in params:
             g = p.grad
             if g is None:
                 continue
             state = state_of[p]
-            if "momentum_buffer" not in state or ("master_param" in state) != (p.dtype == torch.bfloat16):
+            buf, master = state.get("momentum_buffer"), state.get("master_param")
+            if buf is None or (master is None) is (p.dtype is bf16):  # new, or the dtype changed
                 self._fit_state(p, state)
+                buf, master = state["momentum_buffer"], state.get("master_param")
+            any_master = any_master or master is not None
             ps.append(p)
             grads.append(g)
-            bufs.append(state["momentum_buffer"])
-            masters.append(state.get("master_param"))
+            bufs.append(buf)
+            masters.append(master)
         if not ps:
             return
         self._sync_masters(ps)
-        lars(ps, grads, bufs, masters if self._written_version else None, lr=group["lr"],
+        lars(ps, grads, bufs, masters if any_master else None, lr=group["lr"],
              momentum=group["momentum"], weight_decay=group["weight_decay"],
              trust_coefficient=group["trust_coefficient"], eps=group["eps"], nesterov=group["nesterov"],
              momentum_style=group["momentum_style"], clip=group["clip"], adapt=group["lars"], impl=self.impl)
