@@ -232,8 +232,8 @@ void CclBackend::abort_job(const std::string& what, double seconds) const {
   std::fprintf(stderr,
                "[ipex-lars oneccl] rank %d: %s (collective #%llu) has not completed after %.1f s, more than the "
                "process group timeout of %.1f s. A peer rank died or is stuck. Ending this process (exit code 1) "
-               "so the job does not hang. Raise the timeout with ipex_lars.distributed.init(timeout=...) or "
-               "init_process_group(timeout=...) if the peers are only slow.\n",
+               "so the job does not hang. If the peers are only slow, raise the timeout: IPEX_LARS_DIST_TIMEOUT="
+               "<seconds> (or ipex_lars.distributed.init(timeout=...), init_process_group(timeout=...)).\n",
                getRank(), what.c_str(), static_cast<unsigned long long>(running_seq_.load()), seconds,
                timeout_.count() / 1000.0);
   std::fflush(stderr);

@@ -5,9 +5,11 @@ Importing this package registers the ``oneccl`` backend name with torch.distribu
 process group from whichever launcher started the process.
 """
 
-from ipex_lars.distributed.backend import EXTENSIONS, MissingRankError, register
+from ipex_lars.distributed.backend import EXTENSIONS, register
 from ipex_lars.distributed.process_group import BackendUnavailableError, DistInfo, init, shutdown
+from ipex_lars.distributed.rendezvous import MissingRankError, RendezvousError
 
 register()
 
-__all__ = ["EXTENSIONS", "BackendUnavailableError", "DistInfo", "MissingRankError", "init", "register", "shutdown"]
+__all__ = ["EXTENSIONS", "BackendUnavailableError", "DistInfo", "MissingRankError", "RendezvousError", "init",
+           "register", "shutdown"]

@@ -1,17 +1,17 @@
 """Build, load and register the ``oneccl`` torch.distributed backend (csrc/oneccl_backend.cpp).
 
 The backend's creator, which torch calls from ``init_process_group`` and ``new_group``,
-first makes every rank announce itself in the c10d store and waits for all of them,
-so a rank that never starts fails the others after the timeout with an error naming
-it, instead of hanging inside oneCCL. Then rank 0 creates oneCCL's key-value store and
-publishes its address through the c10d store, and every rank builds the communicator.
+first makes every rank claim its number in the c10d store and waits for all of them
+(``rendezvous.wait_for_ranks``), so a rank that never starts fails the others after the
+timeout with an error naming it, instead of hanging inside oneCCL. Then rank 0 creates
+oneCCL's key-value store and publishes its address through the c10d store, and every rank
+builds the communicator.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +19,7 @@ from typing import Any
 
 from ipex_lars import ext
 from ipex_lars.distributed import env
+from ipex_lars.distributed.rendezvous import wait_for_ranks
 
 NAME = "oneccl"
 _PREFIX = Path(sys.prefix)
@@ -30,10 +31,6 @@ SPEC = ext.ExtensionSpec(
     extra_ldflags=(f"-L{_PREFIX / 'lib'}", "-lccl", f"-Wl,-rpath,{_PREFIX / 'lib'}"),
     needs=("oneccl-cpu-devel==2021.16.2 (pip install 'ipex-lars[ccl]')",),
 )
-
-
-class MissingRankError(RuntimeError):
-    """Some ranks did not join the process group within its timeout."""
 
 
 def unavailable_reason() -> str | None:
@@ -62,43 +59,6 @@ def load() -> ModuleType:
     return ext.load(SPEC)
 
 
-def _wait_for_ranks(store: Any, rank: int, size: int, timeout: timedelta) -> None:
-    """Announce this rank and wait until all `size` ranks have; name the missing ones on timeout.
-
-    The first rank to time out publishes the missing ranks, so every waiting rank reports
-    the same list, and rank 0, which hosts the store, keeps it up until they have read it.
-    """
-    store.set(f"arrived/{rank}", "1")
-    arrived = store.add("arrived", 1)
-    deadline = time.monotonic() + timeout.total_seconds()
-    pause = 0.005
-    try:
-        while arrived < size:
-            if store.check(["missing"]):
-                break
-            if time.monotonic() > deadline:
-                late = [str(r) for r in range(size) if not store.check([f"arrived/{r}"])]
-                store.compare_set("missing", "", ",".join(late) or "?")
-                break
-            time.sleep(pause)
-            pause = min(pause * 2, 0.25)
-            arrived = store.add("arrived", 0)
-        else:
-            return
-        missing = store.get("missing").decode()
-        told = store.add("told", 1)
-        while rank == 0 and told < arrived and time.monotonic() < deadline + 10:
-            time.sleep(0.05)
-            told = store.add("told", 0)
-    except RuntimeError as exc:  # the store went away: rank 0 failed while we waited
-        raise MissingRankError(f"oneccl backend: rank {rank} lost rank 0's store while waiting for all {size} "
-                               f"ranks to join ({exc}); see rank 0's error") from exc
-    raise MissingRankError(
-        f"oneccl backend: rank {rank} waited {timeout.total_seconds():.0f} s but rank(s) {missing} of {size} "
-        "never joined the process group. Check that they started and reach init_process_group; raise the "
-        "wait with init(timeout=...).")
-
-
 def _apply_ccl_defaults() -> None:
     # For users who call init_process_group("oneccl") without init(): oneCCL reads these once.
     try:
@@ -113,7 +73,7 @@ def create(store: Any, rank: int, size: int, timeout: timedelta) -> Any:
     """The creator torch calls for backend ``oneccl``: a c10d Backend over a oneCCL communicator."""
     _apply_ccl_defaults()
     module = load()
-    _wait_for_ranks(store, rank, size, timeout)
+    wait_for_ranks(store, rank, size, timeout)
     if rank == 0:
         kvs = module.Kvs.create_main()
         store.set("kvs_address", kvs.address())

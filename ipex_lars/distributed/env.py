@@ -13,6 +13,11 @@ Rendezvous address when the launcher gives none (documented in ``init``'s docstr
 - ``MASTER_PORT``: SLURM derives ``20000 + SLURM_JOB_ID % 20000``; a one-node MPI job
   derives ``20000 + (parent pid % 20000)``, the hydra proxy every local rank shares; a
   multi-node MPI job must set it.
+
+Job identity (``job_id``), checked when a rank reaches the rendezvous store so that it
+never joins another job's store: ``IPEX_LARS_JOB_ID`` when set, else the launcher's own
+job id: torchrun's ``TORCHELASTIC_RUN_ID`` (unless ``none``), Intel MPI hydra's
+``I_MPI_HYDRA_UUID``, SLURM's ``SLURM_JOB_ID.SLURM_STEP_ID``; else none.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import os
 import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+
+
+JOB_ID_ENV = "IPEX_LARS_JOB_ID"
 
 
 class LaunchError(RuntimeError):
@@ -111,6 +119,35 @@ def detect(env: Mapping[str, str] | None = None) -> Launch:
         return Launch("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
                       _int_or_none(env, "SLURM_LOCALID") or 0, _slurm_local_world(env), addr, port)
     return Launch("single", 0, 1, 0, 1, addr or "127.0.0.1", port or 0)
+
+
+def job_id(env: Mapping[str, str] | None = None) -> str:
+    """What every rank of this job shares and other jobs do not, or "" when nothing says.
+
+    ``IPEX_LARS_JOB_ID`` wins; then the id of the launcher ``detect`` finds: torchrun's run id
+    (its default ``none`` is no id), hydra's per-``mpiexec`` UUID, SLURM's job and step ids.
+    """
+    env = os.environ if env is None else env
+    if env.get(JOB_ID_ENV):
+        return env[JOB_ID_ENV]
+    if "RANK" in env and "WORLD_SIZE" in env:
+        run_id = env.get("TORCHELASTIC_RUN_ID", "")
+        return "" if run_id in ("", "none") else f"torchrun:{run_id}"
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        return f"mpi:{env['I_MPI_HYDRA_UUID']}" if env.get("I_MPI_HYDRA_UUID") else ""
+    if "SLURM_PROCID" in env and env.get("SLURM_JOB_ID"):
+        return f"slurm:{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}"
+    return ""
+
+
+def agent_store_prefix(env: Mapping[str, str] | None = None) -> str | None:
+    """The key prefix of this restart attempt when torchrun's agent serves the store at
+    MASTER_ADDR:MASTER_PORT (``TORCHELASTIC_USE_AGENT_STORE``), as torch's own ``env://`` uses;
+    None when rank 0 serves it."""
+    env = os.environ if env is None else env
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return f"/worker/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def ccl_defaults(launch: Launch, cpus: int) -> dict[str, str]:

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ipex_lars.distributed import backend as oneccl
-from ipex_lars.distributed.env import Launch, apply_defaults, ccl_defaults, detect
+from ipex_lars.distributed import liveness, rendezvous
+from ipex_lars.distributed.env import Launch, apply_defaults, ccl_defaults, detect, job_id
+from ipex_lars.distributed.rendezvous import TIMEOUT_ENV
 
 DEFAULT_TIMEOUT_S = 300.0
-TIMEOUT_ENV = "IPEX_LARS_DIST_TIMEOUT"
+_watcher: liveness.Watcher | None = None
 
 
 class BackendUnavailableError(RuntimeError):
@@ -58,38 +60,30 @@ def _timeout(timeout: float | timedelta | None) -> timedelta:
     if isinstance(timeout, timedelta):
         return timeout
     if timeout is None:
-        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        raw = os.environ.get(TIMEOUT_ENV, "")
+        try:
+            timeout = float(raw) if raw else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
     return timedelta(seconds=float(timeout))
 
 
-def _store(launch: Launch, timeout: timedelta):
-    import torch.distributed as dist
-
-    if launch.world_size == 1:
-        return dist.HashStore()
-    try:
-        return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size,
-                             is_master=launch.rank == 0, timeout=timeout, wait_for_workers=False)
-    except (RuntimeError, OSError) as exc:
-        if launch.rank == 0:
-            raise RuntimeError(f"rank 0 cannot serve the rendezvous store on {launch.master_addr}:"
-                               f"{launch.master_port}: {exc}. Pick a free MASTER_PORT.") from exc
-        raise oneccl.MissingRankError(
-            f"rank {launch.rank} could not reach rank 0's rendezvous store at {launch.master_addr}:"
-            f"{launch.master_port} within {timeout.total_seconds():.0f} s: rank 0 never started, or "
-            f"MASTER_ADDR/MASTER_PORT point elsewhere ({exc})") from exc
-
-
 def shutdown() -> None:
-    """Tear the process group down; ``init()`` also does this at interpreter exit.
+    """Leave the job: tell the other ranks' watchers, then tear the process group down.
 
-    Left to static destructors, oneCCL's threads abort the process ("terminate called without an
-    active exception"). Garbage is collected first because DDP's reference cycles would otherwise
-    keep the backend alive past ``destroy_process_group``."""
+    ``init()`` also does this at interpreter exit. The watchers hear a goodbye, or, after an
+    uncaught exception, that this rank failed and why. Left to static destructors, oneCCL's
+    threads abort the process ("terminate called without an active exception"). Garbage is
+    collected first because DDP's reference cycles would otherwise keep the backend alive
+    past ``destroy_process_group``."""
     import gc
 
     import torch.distributed as dist
 
+    global _watcher
+    if _watcher is not None:
+        liveness.stop(_watcher)
+        _watcher = None
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
@@ -114,7 +108,17 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None, verbos
     else ``gloo``; ``"oneccl"``, ``"gloo"`` or ``"ccl"`` (Intel's retired bindings, if installed)
     force one. ``timeout`` (seconds, default ``$IPEX_LARS_DIST_TIMEOUT`` or 300) bounds the wait
     for missing ranks and every collective; past it the job fails naming the problem.
+
+    Isolation (``rendezvous``): rank 0's store listens on MASTER_ADDR's interface only, and a
+    rank refuses a store of another job (another ``IPEX_LARS_JOB_ID`` or launcher job id, another
+    world size, or its rank number already taken). Failures to meet raise ``RendezvousError``
+    (``MissingRankError`` for ranks that never came) with a one-line message.
+
+    Liveness (``liveness``): once all ranks have joined, a watcher thread in every rank ends the
+    process (exit code 1, one line naming the rank) as soon as another rank dies, and after
+    ``$IPEX_LARS_HEARTBEAT_TIMEOUT`` seconds (default 30; 0: off) of silence from one.
     """
+    global _watcher
     import torch
     import torch.distributed as dist
 
@@ -125,9 +129,13 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None, verbos
         torch.set_num_threads(int(env_set["OMP_NUM_THREADS"]))
     chosen, reason = _choose(backend)
     limit = _timeout(timeout)
-    store = _store(launch, limit)
-    dist.init_process_group(chosen, store=store, rank=launch.rank, world_size=launch.world_size, timeout=limit)
+    heartbeat = liveness.heartbeat_timeout()
+    job = job_id()
+    store = rendezvous.open_store(launch, limit, job)
+    rendezvous.wait_for_ranks(dist.PrefixStore(rendezvous.PREFIX, store), launch.rank, launch.world_size, limit)
+    _watcher = liveness.start(store, launch, job, heartbeat)
     atexit.register(shutdown)
+    dist.init_process_group(chosen, store=store, rank=launch.rank, world_size=launch.world_size, timeout=limit)
     info = DistInfo(chosen, reason, launch, env_set)
     if verbose and launch.rank == 0:
         settings = " ".join(f"{k}={v}" for k, v in env_set.items()) or "none"

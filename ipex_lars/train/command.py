@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ipex_lars.distributed import RendezvousError
     from ipex_lars.train.checkpoint import SaveError
     from ipex_lars.train.config import load_config
     from ipex_lars.train.engine import Interrupted, train
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg)
     except Interrupted:
         return 130
-    except (ValueError, SaveError) as exc:
+    except (ValueError, SaveError, RendezvousError) as exc:
         print(f"ipex-lars train: error: {exc}", file=sys.stderr)
         return 2
     if result.get("rank", 0) != 0:

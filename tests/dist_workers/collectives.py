@@ -95,7 +95,8 @@ def main() -> None:
 
     dist.barrier()
     dist.destroy_process_group()
-    print(f"RANK {rank} OK {info.launch.launcher} {info.backend}", flush=True)
+    sys.stdout.write(f"RANK {rank} OK {info.launch.launcher} {info.backend}\n")  # one write: ranks share the pipe
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
