@@ -29,6 +29,7 @@ fp32 (``state[p]["momentum_buffer"]``), so state dicts load across impls.
 from __future__ import annotations
 
 import copy
+import operator
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
@@ -37,6 +38,56 @@ import torch
 from ipex_lars.optim.functional import STYLES, lars, resolve_impl
 
 _FP32_STATE = ("momentum_buffer", "master_param")  # kept float32 whatever the parameter's dtype
+
+
+class _State(defaultdict):
+    """``optimizer.state`` that counts changes to its mapping (a parameter's state added, replaced,
+    removed, cleared), so a step can tell in O(1) whether the lists it gathered last time still hold."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.version = 0
+
+    def _changed(self) -> None:
+        self.version += 1
+
+
+def _counting(name: str) -> Callable:
+    method = getattr(defaultdict, name)
+
+    def counted(self: _State, *args: Any, **kwargs: Any) -> Any:
+        self._changed()
+        return method(self, *args, **kwargs)
+
+    counted.__name__ = name
+    return counted
+
+
+for _name in ("__setitem__", "__delitem__", "clear", "pop", "popitem", "setdefault", "update", "__ior__"):
+    setattr(_State, _name, _counting(_name))
+
+
+class _Gathered:
+    """One param group's tensors as the last full gather found them, and what must not have changed."""
+
+    def __init__(self, group: dict, version: int, ps: list, bufs: list, masters: list, states: list,
+                 idle: list) -> None:
+        self.group, self.params, self.snapshot, self.version = group, group["params"], tuple(group["params"]), version
+        self.ps, self.bufs, self.masters, self.states, self.idle = ps, bufs, masters, states, idle
+        self.any_master = any(m is not None for m in masters)
+
+    def still_valid(self, group: dict, state: Any) -> bool:
+        """Same group, same parameter list (element by element), no state added, replaced or removed,
+        no parameter that had no gradient then has one now, and the same momentum and master tensors."""
+        params = group["params"]
+        return (type(state) is _State and state.version == self.version and self.group is group
+                and self.params is params and len(params) == len(self.snapshot)
+                and all(map(operator.is_, params, self.snapshot))
+                and all(p.grad is None for p in self.idle)
+                and all(s.get("momentum_buffer") is b and s.get("master_param") is m
+                        for s, b, m in zip(self.states, self.bufs, self.masters)))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -71,16 +122,20 @@ class LARS(torch.optim.Optimizer):
                         eps=eps, nesterov=nesterov, momentum_style=momentum_style, clip=clip, lars=True)
         self.impl = resolve_impl(impl)
         self._written_version: dict[torch.Tensor, int] = {}
+        self._gathered: dict[int, _Gathered] = {}
         super().__init__(params, defaults)
+        self.state = _State(dict, self.state)
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "impl": self.impl}
+        return {**{k: v for k, v in super().__getstate__().items() if k != "_gathered"}, "impl": self.impl}
 
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy, pickle and load_state_dict rebuild the optimizer through here; IPEX's
         # load_state_dict also calls it on a live optimizer with only "state" and "param_groups".
         super().__setstate__(state)
         self.impl = state.get("impl") or getattr(self, "impl", "foreach")
+        self.state = _State(dict, self.state)  # a new mapping: nothing gathered before holds
+        self._gathered = {}
         for group in self.param_groups:  # a state dict from before a setting existed gets its default
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -188,7 +243,9 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            self._step_group(group, group["params"])
+            gathered = self._gathered.get(id(group))
+            if gathered is None or not gathered.still_valid(group, self.state) or not self._step_gathered(gathered):
+                self._gathered[id(group)] = self._step_group(group, group["params"])
         return loss
 
     @torch.no_grad()
@@ -205,13 +262,28 @@ class LARS(torch.optim.Optimizer):
             if subset:
                 self._step_group(group, subset)
 
-    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
-        """Gather (params, grads, momentum, masters) from the state as it is now, and step them."""
-        ps, grads, bufs, masters = [], [], [], []
+    def _step_gathered(self, gathered: _Gathered) -> bool:
+        """Step the tensors gathered last time (checked still valid); False when a gradient is
+        missing this step, so the caller gathers afresh instead."""
+        grads = [p.grad for p in gathered.ps]
+        if any(g is None for g in grads):
+            return False
+        try:
+            self._step_lists(gathered.group, gathered.ps, grads, gathered.bufs,
+                             gathered.masters if gathered.any_master else None)
+        except ValueError:  # e.g. a parameter's dtype changed through .data: nothing was written
+            return False
+        return True
+
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> _Gathered:
+        """Gather (params, grads, momentum, masters) from the state as it is now, step them, and
+        return what was gathered for the next step to reuse while it stays valid."""
+        ps, grads, bufs, masters, states, idle = [], [], [], [], [], []
         state_of, bf16, any_master = self.state, torch.bfloat16, False
         for p in params:
             g = p.grad
             if g is None:
+                idle.append(p)
                 continue
             state = state_of[p]
             buf, master = state.get("momentum_buffer"), state.get("master_param")
@@ -223,10 +295,15 @@ class LARS(torch.optim.Optimizer):
             grads.append(g)
             bufs.append(buf)
             masters.append(master)
-        if not ps:
-            return
+            states.append(state)
+        if ps:
+            self._step_lists(group, ps, grads, bufs, masters if any_master else None)
+        version = state_of.version if type(state_of) is _State else -1
+        return _Gathered(group, version, ps, bufs, masters, states, idle)
+
+    def _step_lists(self, group: dict, ps: list, grads: list, bufs: list, masters: list | None) -> None:
         self._sync_masters(ps)
-        lars(ps, grads, bufs, masters if any_master else None, lr=group["lr"],
+        lars(ps, grads, bufs, masters, lr=group["lr"],
              momentum=group["momentum"], weight_decay=group["weight_decay"],
              trust_coefficient=group["trust_coefficient"], eps=group["eps"], nesterov=group["nesterov"],
              momentum_style=group["momentum_style"], clip=group["clip"], adapt=group["lars"], impl=self.impl)
