@@ -17,7 +17,7 @@ from affinity.env import EnvError, resolve
 from affinity.machine import Machine, MachineError, load_machine, this_machine
 from affinity.plan import NodePlan, PlanError, PlanRequest, make_plan, place_memory
 from affinity.topology import Topology, TopologyError, load_topology
-from launchers import local, mpi, slurm, torchrun_env
+from launchers import identity, local, mpi, slurm, torchrun_env
 from launchers.argtypes import OneLineParser, float_range, int_range
 from launchers.hostfile import HostfileError, read_hostfile
 from launchers.guard import GRACE
@@ -108,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchrun-env: index of this machine in the hostfile (default 0)")
     d.add_argument("--hostfile", help="one hostname or IP per line; first host is the default master")
     d.add_argument("--master-addr", help="rendezvous address (default: first host, or 127.0.0.1)")
-    d.add_argument("--master-port", type=int_range(1, 65535), default=29500,
-                   help="rendezvous port, 1-65535 (default 29500)")
+    d.add_argument("--master-port", type=int_range(1, 65535),
+                   help="rendezvous port, 1-65535 (default: one free on the master when it is this machine, "
+                        "else derived from the job id; never a fixed port another job also uses)")
+    d.add_argument("--job-id", help="id every rank of this job shares (IPEX_LARS_JOB_ID); ranks refuse a store of "
+                                    "another job (default: $IPEX_LARS_JOB_ID, else a new one; torchrun-env on "
+                                    "several nodes derives it from the hosts, master and program)")
     d.add_argument("--ccl-worker-count", type=int_range(0, 64),
                    help="oneCCL worker threads per rank, each pinned to a core of its own when one is "
                         "spare (default: 1 for multi-rank launches, 0 for independent instances)")
@@ -258,6 +262,14 @@ def make_job(args: argparse.Namespace) -> Job:
     if args.master_addr is None and not args.hostfile and len(hosts) > 1:
         raise LaunchError(f"--launcher {launcher} on {len(hosts)} nodes needs --master-addr or --hostfile")
     master = args.master_addr or (hosts[0] if args.hostfile else "127.0.0.1")
+    if launcher != "local":  # ranks that meet: a job id of their own and a port no other job uses
+        per_node_launch = launcher == "torchrun-env" and len(hosts) > 1  # each node runs its own lars-run
+        job = identity.job_id(args.job_id or identity.default_job_id(),
+                              [*hosts, master, *program] if per_node_launch else None)
+        port, why = identity.master_port(args.master_port, master, job, derive=per_node_launch)
+        args.master_port = port
+        os.environ["IPEX_LARS_JOB_ID"] = job  # every rank inherits it, through mpiexec and srun too
+        plan.notes.append(f"job id {job} (IPEX_LARS_JOB_ID); {why}")
 
     if launcher in ("local", "torchrun-env"):
         binder = _binder(args, plan)

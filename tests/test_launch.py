@@ -407,3 +407,36 @@ def test_help_documents_every_ipexrun_flag():
                  "--launcher", "--dry-run", "--json", "--topology", "--machine", "--memory-node"]:
         assert flag in res.stdout
     assert "MCDRAM" in res.stdout and "--preferred" in res.stdout
+
+
+def _dry_env(*args: str) -> list[dict]:
+    res = lars_run("--dry-run", "--json", *args)
+    assert res.returncode == 0, res.stderr
+    return [r["env"] for r in json.loads(res.stdout)["ranks"]]
+
+
+def test_each_job_gets_its_own_id_and_a_free_port_unless_given(tmp_path):
+    """Two jobs on one machine never share a rendezvous port or a job id (a fixed 29500 let them meet)."""
+    first = _dry_env("--launcher", "torchrun-env", "--nprocs-per-node", "2", "x.py")
+    second = _dry_env("--launcher", "torchrun-env", "--nprocs-per-node", "2", "x.py")
+    assert first[0]["MASTER_PORT"] != "29500"
+    assert len({e["MASTER_PORT"] for e in first}) == 1
+    res = lars_run("--dry-run", "--json", "--launcher", "torchrun-env", "--nprocs-per-node", "2", "x.py")
+    notes = " ".join(json.loads(res.stdout)["notes"])
+    assert "job id job-" in notes and "free on 127.0.0.1" in notes
+    given = _dry_env("--launcher", "torchrun-env", "--nprocs-per-node", "2", "--master-port", "29555", "x.py")
+    assert given[0]["MASTER_PORT"] == "29555"
+    assert (first[0]["MASTER_PORT"], second[0]["MASTER_PORT"]) != ("29555", "29555")
+
+
+def test_nodes_that_each_run_lars_run_agree_on_port_and_job_id(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("10.9.0.1\n10.9.0.2\n")
+    outs = [lars_run("--dry-run", "--json", "--launcher", "torchrun-env", "--hostfile", str(hostfile),
+                     "--nprocs-per-node", "1", "--node-rank", str(n), "x.py") for n in (0, 1)]
+    assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
+    notes = [next(n for n in json.loads(o.stdout)["notes"] if n.startswith("job id")) for o in outs]
+    assert notes[0] == notes[1] and "derived from job id" in notes[0]
+    other = lars_run("--dry-run", "--json", "--launcher", "torchrun-env", "--hostfile", str(hostfile),
+                     "--nprocs-per-node", "1", "other.py")
+    assert next(n for n in json.loads(other.stdout)["notes"] if n.startswith("job id")) != notes[0]
