@@ -100,8 +100,9 @@ class LARS(torch.optim.Optimizer):
 
     ``impl`` picks the implementation (see ``ipex_lars.optim.functional``): ``"fused"``
     (multi-tensor C++ kernel, CPU), ``"foreach"`` (torch multi-tensor ops), ``"reference"``
-    (per-tensor ground truth) or ``"auto"`` (fused if it loads, else foreach). Each step
-    gathers the tensors afresh from ``param_groups`` and ``state``, so whatever is changed
+    (per-tensor ground truth) or ``"auto"`` (fused if it loads, else foreach). Each step uses
+    the tensors that ``param_groups`` and ``state`` hold at that moment: it reuses the lists it
+    gathered last time only while a check shows none of them changed, so whatever is changed
     through the public API between steps is what the next step uses.
     """
 
