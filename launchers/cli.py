@@ -268,7 +268,8 @@ def make_job(args: argparse.Namespace) -> Job:
                               [*hosts, master, *program] if per_node_launch else None)
         port, why = identity.master_port(args.master_port, master, job, derive=per_node_launch)
         args.master_port = port
-        os.environ["IPEX_LARS_JOB_ID"] = job  # every rank inherits it, through mpiexec and srun too
+        if not args.dry_run:
+            os.environ["IPEX_LARS_JOB_ID"] = job  # every rank inherits it, through mpiexec and srun too
         plan.notes.append(f"job id {job} (IPEX_LARS_JOB_ID); {why}")
 
     if launcher in ("local", "torchrun-env"):
