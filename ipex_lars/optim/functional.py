@@ -89,22 +89,20 @@ def lars(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers
     lr = scalar_lr(lr)
     if momentum_style not in STYLES:
         raise ValueError(f"LARS momentum_style must be one of {', '.join(STYLES)}, got {momentum_style!r}")
-    masters = master_params if master_params is not None else [None] * len(params)
     hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
                  nesterov=nesterov, momentum_style=momentum_style, clip=clip, adapt=adapt)
-    impl = resolve_impl(impl)
-    if impl == "fused":
-        if master_params is None:  # all float32: nothing to round into, which the kernel takes as []
-            fused.lars_fused(params, grads, momentum_buffers, [], **hyper)
-            return
-        if len(masters) != len(params):
-            raise ValueError("LARS: params and master_params must have the same length")
-        weights = [p if m is None else m for p, m in zip(params, masters)]
-        lows = [_EMPTY if m is None else p for p, m in zip(params, masters)]
-        fused.lars_fused(weights, grads, momentum_buffers, lows, **hyper)
+    if impl == "auto" or impl not in IMPLS:  # a named impl is used as is: no kernel probe on every step
+        impl = resolve_impl(impl)
+    if impl == "fused" and master_params is None:  # all float32: nothing to round into, which the kernel takes as []
+        fused.lars_fused(params, grads, momentum_buffers, [], **hyper)
         return
-    _validate(params, grads, momentum_buffers, masters)
+    masters = master_params if master_params is not None else [None] * len(params)
+    if impl != "fused":  # the fused kernel checks its inputs itself, in C++
+        _validate(params, grads, momentum_buffers, masters)
+    elif len(masters) != len(params):
+        raise ValueError("LARS: params and master_params must have the same length")
+    no_copy = _EMPTY if impl == "fused" else None  # the kernel takes tensors only
     weights = [p if m is None else m for p, m in zip(params, masters)]
-    lows = [None if m is None else p for p, m in zip(params, masters)]
-    step = lars_reference if impl == "reference" else lars_foreach
+    lows = [no_copy if m is None else p for p, m in zip(params, masters)]
+    step = {"fused": fused.lars_fused, "foreach": lars_foreach, "reference": lars_reference}[impl]
     step(weights, grads, momentum_buffers, lows, **hyper)
