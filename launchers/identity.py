@@ -30,23 +30,22 @@ def job_id(given: str | None, shared_inputs: list[str] | None) -> str:
     return "job-" + uuid.uuid4().hex[:12]
 
 
-def _is_local(addr: str) -> bool:
+def free_port(addr: str = "127.0.0.1") -> int | None:
+    """A port the kernel reports free on ``addr``, or None when ``addr`` is not this machine's."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((addr, 0))
-        return True
+            return s.getsockname()[1]
     except OSError:
-        return False
+        return None
 
 
 def master_port(given: int | None, master_addr: str, job: str, derive: bool) -> tuple[int, str]:
     """The rendezvous port and one line saying how it was chosen."""
     if given is not None:
         return given, f"master port {given} (as given)"
-    if not derive and _is_local(master_addr):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((master_addr, 0))
-            port = s.getsockname()[1]
+    port = None if derive else free_port(master_addr)
+    if port is not None:
         return port, f"master port {port}: free on {master_addr} when chosen (set --master-port to fix one)"
     lo, hi = PORT_RANGE
     port = lo + int(hashlib.sha256(job.encode()).hexdigest(), 16) % (hi - lo)

@@ -14,6 +14,7 @@ from ipex_lars.distributed import liveness, rendezvous
 from ipex_lars.distributed.env import (Launch, LaunchError, agent_store_prefix, apply_defaults, ccl_defaults,
                                        detect, first_slurm_host, job_id)
 from ipex_lars.distributed.rendezvous import RendezvousError
+from launchers.identity import free_port
 
 
 def test_torchrun_variables_win_over_mpi_and_slurm():
@@ -93,11 +94,6 @@ def test_torchruns_agent_store_is_used_under_this_attempts_prefix():
     assert agent_store_prefix(env) == "/worker/attempt_2"
 
 
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return s.getsockname()[1]
-
-
 def _launch(rank: int, addr: str, port: int, local_world: int | None = 2) -> Launch:
     return Launch("torchrun", rank, 2, rank, local_world, addr, port)
 
@@ -130,7 +126,7 @@ def test_master_addr_of_another_host_is_named():
     ("mine", 3, r"\(3 ranks\) reached the rendezvous store .* of another job \(mine, 2 ranks"),
 ])
 def test_a_rank_refuses_the_store_of_another_job(job, world, message):
-    port = _free_port()
+    port = free_port()
     store = rendezvous.open_store(_launch(0, "127.0.0.1", port), timedelta(seconds=5), "mine")
     stranger = Launch("torchrun", 1, world, 1, world, "127.0.0.1", port)
     with pytest.raises(RendezvousError, match=message):
@@ -147,7 +143,7 @@ def test_a_rank_number_taken_by_another_process_is_refused():
 
 def test_rank_zero_missing_is_named_within_the_timeout():
     with pytest.raises(rendezvous.MissingRankError, match=r"rank\(s\) 0 of 2 never joined.*IPEX_LARS_DIST_TIMEOUT"):
-        rendezvous.open_store(_launch(1, "127.0.0.1", _free_port()), timedelta(seconds=0.5), "job")
+        rendezvous.open_store(_launch(1, "127.0.0.1", free_port()), timedelta(seconds=0.5), "job")
 
 
 @pytest.mark.parametrize("raw, seconds", [("", 30.0), ("2.5", 2.5), ("0", 0.0)])

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 from launchers.argtypes import csv_of, float_range, int_range
+from launchers.identity import free_port
 
 BACKENDS = ("oneccl", "gloo")
 SIZES = ["1K", "4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M", "100M", "256M"]
@@ -143,14 +143,8 @@ def _worker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- the run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _job(backend: str, world: int, args: argparse.Namespace) -> dict:
-    port = str(_free_port())
+    port = str(free_port())
     argv = [sys.executable, "-m", "ipex_lars.bench.comm", "--worker", backend, "--sizes", ",".join(args.sizes),
             "--seconds", str(args.seconds), "--ddp-steps", str(args.ddp_steps)]
     procs = []

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from launchers.identity import free_port
 
 WORKERS = Path(__file__).parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -22,12 +23,6 @@ class Rank:
     rc: int | None  # None: killed at the harness timeout (a hang)
     out: str
     err: str
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env(**extra: str) -> dict[str, str]:
