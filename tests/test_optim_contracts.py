@@ -236,6 +236,44 @@ def test_replaced_momentum_buffers_are_the_ones_used(impl):
     _continue_and_compare(impl, zero, expected_restart=True)
 
 
+def test_momentum_replaced_through_a_held_entry_is_the_one_used(impl):
+    def zero(opt):
+        entries = [opt.state[p] for p in list(opt.state)]  # a loop holds the entries, then edits them
+        for p, entry in zip(list(opt.state), entries):
+            entry.update(momentum_buffer=torch.zeros_like(p))
+    _continue_and_compare(impl, zero, expected_restart=True)
+
+
+def test_a_plain_dict_stored_as_state_is_the_one_used_and_watched(impl):
+    def replace(opt):
+        for p in list(opt.state):
+            opt.state[p] = {"momentum_buffer": opt.state[p]["momentum_buffer"].clone()}
+    _continue_and_compare(impl, replace, expected_restart=False)
+
+    model = _model()
+    opt = _opt(model, impl, weight_decay=0.0)
+    _train(model, opt, _batches(2))
+    plain = {p: {"momentum_buffer": opt.state[p]["momentum_buffer"].clone()} for p in list(opt.state)}
+    for p, entry in plain.items():
+        opt.state[p] = entry
+    opt.step()  # gathers the plain dicts; their later edits must still be seen
+    for p, entry in plain.items():
+        entry["momentum_buffer"] = torch.zeros_like(p)
+        p.grad = torch.zeros_like(p)
+    before = _flat(model)
+    opt.step()  # zero gradient, zero momentum, no decay: a step that moves nothing
+    assert torch.equal(_flat(model), before), "the step used momentum the user had replaced"
+
+
+def test_a_saved_state_dict_loads_without_unpickling_code(impl, tmp_path):
+    model = _model()
+    opt = _opt(model, impl)
+    _train(model, opt, _batches(2))
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert all(type(s) is dict and "momentum_buffer" in s for s in loaded["state"].values())
+
+
 def test_untouched_state_is_not_a_restart(impl):
     _continue_and_compare(impl, lambda opt: None, expected_restart=False)
 

@@ -29,6 +29,7 @@ fp32 (``state[p]["momentum_buffer"]``), so state dicts load across impls.
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
@@ -38,56 +39,76 @@ import torch
 from ipex_lars.optim.functional import STYLES, lars, resolve_impl
 
 _FP32_STATE = ("momentum_buffer", "master_param")  # kept float32 whatever the parameter's dtype
+_NONES = itertools.repeat(None)
 
 
-class _State(defaultdict):
-    """``optimizer.state`` that counts changes to its mapping (a parameter's state added, replaced,
-    removed, cleared), so a step can tell in O(1) whether the lists it gathered last time still hold."""
+class _Changes:
+    """How many times any LARS state mapping or per-parameter state dict was changed, so a step
+    can tell in O(1) whether the lists it gathered last time still hold."""
 
-    __slots__ = ("version",)
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.version = 0
-
-    def _changed(self) -> None:
-        self.version += 1
+    count = 0
 
 
-def _counting(name: str) -> Callable:
-    method = getattr(defaultdict, name)
+def _counting(base: type, name: str) -> Callable:
+    method = getattr(base, name)
 
-    def counted(self: _State, *args: Any, **kwargs: Any) -> Any:
-        self._changed()
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _Changes.count += 1
         return method(self, *args, **kwargs)
 
     counted.__name__ = name
     return counted
 
 
-for _name in ("__setitem__", "__delitem__", "clear", "pop", "popitem", "setdefault", "update", "__ior__"):
-    setattr(_State, _name, _counting(_name))
+_MUTATORS = ("__setitem__", "__delitem__", "clear", "pop", "popitem", "setdefault", "update", "__ior__")
+
+
+class _Entry(dict):
+    """One parameter's state (``optimizer.state[p]``): a dict whose changes are counted."""
+
+    __slots__ = ()
+
+
+class _State(defaultdict):
+    """``optimizer.state``: a defaultdict of ``_Entry`` whose changes, and its entries', are counted.
+    Entries given as plain dicts (by a user, or by IPEX's __setstate__) stay those very dicts;
+    a step compares their tensors one by one instead."""
+
+    __slots__ = ()
+
+    def __init__(self, entries: Any = ()) -> None:
+        super().__init__(_Entry, entries)
+
+    def __reduce__(self) -> tuple:  # deepcopy and pickle: the same class, the same entries
+        return (_State, (dict(self),))
+
+
+for _name in _MUTATORS:
+    setattr(_Entry, _name, _counting(dict, _name))
+    setattr(_State, _name, _counting(defaultdict, _name))
 
 
 class _Gathered:
     """One param group's tensors as the last full gather found them, and what must not have changed."""
 
-    def __init__(self, group: dict, version: int, ps: list, bufs: list, masters: list, states: list,
+    def __init__(self, group: dict, changes: int, ps: list, bufs: list, masters: list, states: list,
                  idle: list) -> None:
-        self.group, self.params, self.snapshot, self.version = group, group["params"], tuple(group["params"]), version
-        self.ps, self.bufs, self.masters, self.states, self.idle = ps, bufs, masters, states, idle
+        self.group, self.params, self.snapshot, self.changes = group, group["params"], tuple(group["params"]), changes
+        self.ps, self.bufs, self.masters, self.idle = ps, bufs, masters, idle
         self.any_master = any(m is not None for m in masters)
+        # entries that are not counting dicts (a user stored a plain dict) are compared each step
+        self.plain = [(s, b, m) for s, b, m in zip(states, bufs, masters) if type(s) is not _Entry]
 
     def still_valid(self, group: dict, state: Any) -> bool:
-        """Same group, same parameter list (element by element), no state added, replaced or removed,
-        no parameter that had no gradient then has one now, and the same momentum and master tensors."""
+        """Same group, same parameter list (element by element), no state mapping or entry changed
+        since (counted), the same momentum and master tensors in any plain-dict entry, and no
+        parameter that had no gradient then has one now."""
         params = group["params"]
-        return (type(state) is _State and state.version == self.version and self.group is group
+        return (type(state) is _State and _Changes.count == self.changes and self.group is group
                 and self.params is params and len(params) == len(self.snapshot)
                 and all(map(operator.is_, params, self.snapshot))
                 and all(p.grad is None for p in self.idle)
-                and all(s.get("momentum_buffer") is b and s.get("master_param") is m
-                        for s, b, m in zip(self.states, self.bufs, self.masters)))
+                and all(s.get("momentum_buffer") is b and s.get("master_param") is m for s, b, m in self.plain))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -125,7 +146,7 @@ class LARS(torch.optim.Optimizer):
         self._written_version: dict[torch.Tensor, int] = {}
         self._gathered: dict[int, _Gathered] = {}
         super().__init__(params, defaults)
-        self.state = _State(dict, self.state)
+        self.state = _State(self.state)
 
     def __getstate__(self) -> dict:
         return {**{k: v for k, v in super().__getstate__().items() if k != "_gathered"}, "impl": self.impl}
@@ -135,7 +156,7 @@ class LARS(torch.optim.Optimizer):
         # load_state_dict also calls it on a live optimizer with only "state" and "param_groups".
         super().__setstate__(state)
         self.impl = state.get("impl") or getattr(self, "impl", "foreach")
-        self.state = _State(dict, self.state)  # a new mapping: nothing gathered before holds
+        self.state = _State(self.state)  # a new mapping: nothing gathered before holds
         self._gathered = {}
         for group in self.param_groups:  # a state dict from before a setting existed gets its default
             for key, value in self.defaults.items():
@@ -181,6 +202,13 @@ class LARS(torch.optim.Optimizer):
                              "load the optimizer state saved with this model")
         return state
 
+    def state_dict(self) -> dict:
+        """torch's ``state_dict``, with each parameter's state as a plain dict, so that a saved
+        checkpoint loads with ``torch.load(weights_only=True)``."""
+        saved = super().state_dict()
+        saved["state"] = {k: dict(v) if type(v) is _Entry else v for k, v in saved["state"].items()}
+        return saved
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's ``load_state_dict`` in torch's order (pre-hooks, load, post-hooks), except that
         the momentum and the master of a bf16 parameter stay float32 instead of taking its dtype."""
@@ -203,7 +231,7 @@ class LARS(torch.optim.Optimizer):
             if p is None or not isinstance(value, dict):
                 state[pid] = value  # not a parameter's state: kept as it is, as torch does
             else:
-                state[p] = {key: _load_value(p, key, v) for key, v in value.items()}
+                state[p] = _Entry((key, _load_value(p, key, v)) for key, v in value.items())
         groups = []
         for saved, group in zip(saved_groups, self.param_groups):
             saved["params"] = group["params"]
@@ -267,7 +295,7 @@ class LARS(torch.optim.Optimizer):
         """Step the tensors gathered last time (checked still valid); False when a gradient is
         missing this step, so the caller gathers afresh instead."""
         grads = [p.grad for p in gathered.ps]
-        if any(g is None for g in grads):
+        if not all(map(operator.is_not, grads, _NONES)):
             return False
         try:
             self._step_lists(gathered.group, gathered.ps, grads, gathered.bufs,
@@ -299,8 +327,7 @@ class LARS(torch.optim.Optimizer):
             states.append(state)
         if ps:
             self._step_lists(group, ps, grads, bufs, masters if any_master else None)
-        version = state_of.version if type(state_of) is _State else -1
-        return _Gathered(group, version, ps, bufs, masters, states, idle)
+        return _Gathered(group, _Changes.count, ps, bufs, masters, states, idle)
 
     def _step_lists(self, group: dict, ps: list, grads: list, bufs: list, masters: list | None) -> None:
         self._sync_masters(ps)
