@@ -3,9 +3,11 @@
 Each extension is compiled once with ``torch.utils.cpp_extension`` into a
 directory keyed by the torch version, the CPU's vector ISA and a hash of the
 sources and flags, so a stale or foreign build is never loaded. ``env/setup.sh``
-builds everything up front (``ipex-lars build``); later loads import the built
-library directly and never run the compiler, so ranks of a job cannot race on
-a build.
+builds everything up front (``ipex-lars build``) and later loads import the built
+library directly. A process that finds no build for its torch, ISA and sources
+(e.g. after ``IPEX_LARS_ISA`` names another ISA, or a pip install without setup)
+compiles it at its first load; torch's build lock in the build directory makes
+ranks that start together wait for that one compile instead of racing.
 """
 
 from __future__ import annotations

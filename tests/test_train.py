@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -246,3 +247,15 @@ def test_recipe_numbers_in_exponent_form_are_read_as_numbers(tmp_path):
     recipe.write_text("epochs: many\n")
     with pytest.raises(ValueError, match="epochs must be int, got 'many'"):
         load_config(str(recipe))
+
+
+def test_a_recipe_whose_optional_package_is_missing_names_the_extra(tmp_path, monkeypatch, capsys):
+    from ipex_lars import cli
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as after `pip install ipex-lars`
+    code = cli.main(["train", "--recipe", "resnet50-32k", "--data", "synthetic", "--num-samples", "8",
+                     "--image-size", "32", "--global-batch", "4", "--epochs", "1", "--threads", "1",
+                     "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "'torchvision'" in err[0] and "pip install 'ipex-lars[data]'" in err[0]

@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, SaveError, RendezvousError) as exc:
         print(f"ipex-lars train: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:  # an optional dependency this recipe needs (torchvision, pillow)
+        print(f"ipex-lars train: error: this recipe needs the Python package '{exc.name}', which is not "
+              "installed; install the data extra: pip install 'ipex-lars[data]'", file=sys.stderr)
+        return 2
     if result.get("rank", 0) != 0:
         return 0  # rank 0 reports for the job
     minutes = (time.perf_counter() - start) / 60
