@@ -185,8 +185,15 @@ def test_check_json_names_every_source_and_marks_circular_throughputs():
     rows = {r["scenario"]: r for r in json.loads(out.stdout)["scenarios"]}
     assert set(rows) == set(SCENARIO_NAMES)
     for r in rows.values():
-        # circular throughputs land by construction unless the allreduce were exposed; the real check is below
-        assert r["predicted_minutes"] > 0 and abs(r["percent_off"]) < 25
+        # the paper runs' circular throughput is the published time turned into images/s per node
+        # (MLPerf's is its logged rate); the percentage compares the prediction with the published
+        # time. The check against independent throughputs is below.
+        given = r["inputs"]
+        if "from the published" in given["node_throughput"]["source"]:
+            implied = given["epochs"]["value"] * given["dataset_size"]["value"] / (
+                r["published_minutes"] * 60 * given["nodes"]["value"])
+            assert r["node_throughput"] == pytest.approx(implied)
+        assert r["percent_off"] == pytest.approx(100 * (r["predicted_minutes"] / r["published_minutes"] - 1))
         assert r["circular"] is True and r["inputs"]["node_throughput"]["circular"] is True
         assert all(v["source"] for v in r["inputs"].values())
     assert rows["mlperf-v3.0"]["algorithm"] == "rabenseifner"
