@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,8 +145,13 @@ def load_config(recipe: str, overrides: dict | None = None) -> TrainConfig:
 
 
 def field_type(f: dataclasses.Field) -> type:
-    """The Python type of a TrainConfig field (annotations are strings here)."""
-    return {"int": int, "float": float, "str": str, "bool": bool}[f.type] if isinstance(f.type, str) else f.type
+    """The Python type of a TrainConfig field (its annotation, evaluated: they are strings here)."""
+    return _setting_types()[f.name]
+
+
+@functools.cache
+def _setting_types() -> dict[str, type]:
+    return typing.get_type_hints(TrainConfig)
 
 
 def _typed(name: str, value, path: Path):
