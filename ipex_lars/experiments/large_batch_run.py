@@ -8,6 +8,7 @@ stops being finite, and records that as a divergence.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -71,10 +72,12 @@ class RunResult:
     diverged: bool  # the training loss became non-finite (the run stopped there)
     final_loss: float  # mean training loss over the last epoch run
     steps: int
+    cpu_seconds: float  # CPU time of the run (its process's), to size the study on an idle machine
 
     def to_dict(self) -> dict:
         return {**asdict(self.spec), "val_top1": self.val_top1, "test_top1": self.test_top1,
-                "diverged": self.diverged, "final_loss": self.final_loss, "steps": self.steps}
+                "diverged": self.diverged, "final_loss": self.final_loss, "steps": self.steps,
+                "cpu_seconds": self.cpu_seconds}
 
 
 def _optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
@@ -98,6 +101,7 @@ def _top1(model: nn.Module, data: TensorData) -> float:
 def train_one(spec: RunSpec, train: TensorData, val: TensorData, test: TensorData) -> RunResult:
     """Train ``spec`` on ``train`` (dropping the last partial batch of each epoch) and score the
     final weights on ``val`` and ``test``."""
+    started = time.process_time()
     torch.manual_seed(spec.seed)
     model = DeepMLP(train.images[0].numel(), train.num_classes, spec.width, spec.depth, spec.norm)
     optimizer = _optimizer(spec, model)
@@ -127,4 +131,5 @@ def train_one(spec: RunSpec, train: TensorData, val: TensorData, test: TensorDat
         if diverged:
             break
         epoch_loss = sum(losses) / len(losses)
-    return RunResult(spec, _top1(model, val), _top1(model, test), diverged, epoch_loss, steps)
+    val_top1, test_top1 = _top1(model, val), _top1(model, test)
+    return RunResult(spec, val_top1, test_top1, diverged, epoch_loss, steps, time.process_time() - started)
