@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from ipex_lars.experiments.large_batch_report import write_report
 
     cpu = sum(r["cpu_seconds"] for rs in results.values() for r in rs)
-    setup = {"command": "ipex-lars experiment large-batch " + " ".join(_argv(args)), "n_train": n_train,
+    setup = {"command": " ".join(["ipex-lars experiment large-batch", *_argv(args)]), "n_train": n_train,
              "n_val": len(data[1]), "n_test": len(data[2]), "batches": batches,
              "wall_seconds": round(time.monotonic() - started, 1), "cpu_seconds": round(cpu, 1), "jobs": args.jobs,
              "grid_factors": list(GRID_FACTORS), "reference_batch": REFERENCE_BATCH,

@@ -196,8 +196,36 @@ def summary_lines(stability: dict, scaling: list[dict]) -> list[str]:
         verdicts = {v: [str(r["batch"]) for r in mine if r["verdict"] == v]
                     for v in ("LARS better", "SGD better", "no effect")}
         said = "; ".join(f"{v} at batch {', '.join(b)}" for v, b in verdicts.items() if b)
-        lines.append(f"- Question 2, {'with' if norm else 'without'} BN: {said}.")
-    return lines + [""]
+        means = ", ".join(f"{r['batch']}: {r['lars_minus_sgd']:+.1f} (2σ {2 * r['sigma']:.1f})" for r in mine)
+        lines.append(f"- Question 2, {'with' if norm else 'without'} BN: {said}. LARS − SGD by batch: {means}.")
+        beyond_se = [f"{r['batch']} ({'LARS' if r['lars_minus_sgd'] > 0 else 'SGD'} ahead)" for r in mine
+                     if r["verdict"] == "no effect" and abs(r["lars_minus_sgd"]) >=
+                     2 * r["sigma"] / math.sqrt(min(r["sgd"]["seeds"], r["lars"]["seeds"]))]
+        if beyond_se:
+            lines.append(f"  Judged by the standard error of the means (σ/√seeds) instead of the seeds' spread, "
+                         f"the difference would exceed 2σ at batch {', '.join(beyond_se)}.")
+    return lines + [""] + prediction_checks(stability, scaling)
+
+
+def prediction_checks(stability: dict, scaling: list[dict]) -> list[str]:
+    """Each prediction above against the tables, by the rule it was stated with."""
+    usable = stability["usable"]
+    extra = usable["lars"]["decades"] - usable["sgd"]["decades"]
+    plain = sorted((r for r in scaling if not r["norm"]), key=lambda r: r["batch"])
+    bn = [r for r in scaling if r["norm"]]
+    smallest = [r for r in scaling if r["batch"] == min(x["batch"] for x in scaling)]
+
+    def held(ok: bool) -> str:
+        return "held" if ok else "not borne out"
+
+    return ["## Predictions against the results", "",
+            f"1. LARS usable over at least a decade more lr than SGD: {held(extra >= 1)} "
+            f"({usable['lars']['decades']:.1f} vs {usable['sgd']['decades']:.1f} decades).",
+            f"2. Equal within noise at the smallest batch: "
+            f"{held(all(r['verdict'] == 'no effect' for r in smallest))}. "
+            f"Without BN, LARS ahead at the largest batch: {held(plain[-1]['verdict'] == 'LARS better')} "
+            f"(LARS − SGD {plain[-1]['lars_minus_sgd']:+.1f}, 2σ {2 * plain[-1]['sigma']:.1f}). "
+            f"With BN, no effect at every batch: {held(all(r['verdict'] == 'no effect' for r in bn))}.", ""]
 
 
 def _plot_stability(table: dict, path: Path) -> None:
