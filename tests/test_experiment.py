@@ -1,27 +1,62 @@
-"""``ipex-lars experiment large-batch`` writes its table, data and plot."""
+"""``ipex-lars experiment large-batch`` in miniature: its data split, and that it writes well-formed
+tables, JSON and plots (not what they conclude)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from cli_runner import run_cli
 
+MINI = ["--batches", "128,512", "--stability-batch", "512", "--epochs", "1", "--warmup-epochs", "0",
+        "--seeds", "2", "--grid", "2", "--sweep-points", "3", "--width", "8", "--depth", "2", "--jobs", "2"]
+
+
+def test_mnist5k_is_real_shipped_data_in_disjoint_stratified_splits():
+    from ipex_lars.data.sources import mnist5k
+
+    train, val, test = mnist5k()
+    assert (len(train), len(val), len(test)) == (3500, 500, 1000)
+    for split, per_class in ((train, 350), (val, 50), (test, 100)):
+        assert split.images.shape[1:] == (1, 14, 14)
+        assert split.labels.bincount(minlength=10).tolist() == [per_class] * 10
+    flat = {tuple(x.tolist()) for x in train.images.flatten(1)}
+    assert not any(tuple(x.tolist()) in flat for x in test.images.flatten(1))
+    assert torch.allclose(train.images.mean(), torch.tensor(0.0), atol=1e-4)
+
 
 @pytest.mark.slow
-def test_large_batch_experiment_writes_table_json_and_plot(tmp_path):
-    out = run_cli("experiment", "large-batch", "--batches", "64,512", "--epochs", "2", "--seeds", "1",
-                  "--out", str(tmp_path), timeout=600)
+def test_large_batch_experiment_writes_tables_json_and_plots(tmp_path):
+    out = run_cli("experiment", "large-batch", *MINI, "--out", str(tmp_path), timeout=120)
     assert out.returncode == 0, out.stderr
-    rows = json.loads((tmp_path / "large_batch.json").read_text())
-    assert [r["batch"] for r in rows] == [64, 512]
-    assert all(0 <= r["sgd"] <= 100 and 0 <= r["lars"] <= 100 for r in rows)
+    assert "large-batch" in out.stderr  # the progress bar
+    report = json.loads((tmp_path / "large_batch.json").read_text())
+    runs = report["runs"]
+    assert len(runs["stability"]) == 2 * 3 * 2 and len(runs["scaling"]) == 2 * 2 * 2 * 2 * 2
+    assert all(0 <= r["val_top1"] <= 100 and 0 <= r["test_top1"] <= 100 for rs in runs.values() for r in rs)
+    assert {r["norm"] for r in runs["stability"]} == {False}
+    rows = report["scaling"]
+    assert [(r["norm"], r["batch"]) for r in rows] == [(False, 128), (False, 512), (True, 128), (True, 512)]
+    for r in rows:
+        assert r["verdict"] in ("no effect", "LARS better", "SGD better")
+        assert r["sgd"]["lr"] in r["sgd"]["tried"] and len(r["lars"]["tried"]) == 2
+    assert set(report["stability"]["usable"]) == {"sgd", "lars"}
     table = (tmp_path / "large_batch.md").read_text()
-    assert "| 512 | 2 |" in table
-    assert (tmp_path / "large_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Predictions (written before" in table and "| no | 512 | 6 | 213,527 |" in table
+    assert "## Predictions against the results" in table and "- Question 2, with BN: " in table
+    assert 0 < report["setup"]["cpu_seconds"] and all(r["cpu_seconds"] > 0 for rs in runs.values() for r in rs)
+    assert table.count("| SGD | ") == 3 and table.count("| LARS | ") == 3
+    for plot in ("large_batch_stability.png", "large_batch_scaling.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bad_batch_list_is_a_clear_error(tmp_path):
-    out = run_cli("experiment", "large-batch", "--batches", "64,huge", "--out", str(tmp_path))
-    assert out.returncode == 2 and "--batches must be integers" in out.stdout
+@pytest.mark.parametrize("args, message", [
+    (["--batches", "64,huge"], "--batches must be integers"),
+    (["--batches", "64,9999"], "batch sizes must be in 2..3500"),
+    (["--seeds", "1"], "--seeds >= 2"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
+    out = run_cli("experiment", "large-batch", *args, "--out", str(tmp_path))
+    assert out.returncode == 2 and message in out.stdout and "Traceback" not in out.stdout + out.stderr

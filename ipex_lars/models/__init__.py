@@ -1,10 +1,12 @@
-"""Models by name: ``create_model("resnet50" | "alexnet_bn" | "digits_cnn", num_classes, in_channels)``."""
+"""Models by name: ``create_model("resnet50" | "alexnet_bn" | "alexnet_bn_caffe" | "digits_cnn", num_classes,
+in_channels)``."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ipex_lars.models.alexnet_bn import AlexNetBN
+from ipex_lars.models.alexnet_bn_caffe import AlexNetBNCaffe
 from ipex_lars.models.digits_cnn import DigitsCNN
 
 
@@ -20,6 +22,7 @@ def _resnet50(num_classes: int, in_channels: int) -> nn.Module:
 MODELS = {
     "resnet50": _resnet50,
     "alexnet_bn": lambda num_classes, in_channels: AlexNetBN(num_classes, in_channels),
+    "alexnet_bn_caffe": lambda num_classes, in_channels: AlexNetBNCaffe(num_classes, in_channels),
     "digits_cnn": lambda num_classes, in_channels: DigitsCNN(num_classes, in_channels),
 }
 
