@@ -24,6 +24,7 @@ from launchers.guard import GRACE
 from launchers.job import Job, LaunchError
 from launchers.supervise import DEFAULT_GRACE_S
 
+IFACE_ENV = "IPEX_LARS_IFACE"  # read by ipex_lars.distributed.interface in every rank
 LAUNCHERS = ("local", "mpi", "slurm", "torchrun-env")
 USAGE_ERRORS = (PlanError, TopologyError, MachineError, HostfileError, EnvError, LaunchError, CpuListError)
 MAX_CPUS = 8192  # Linux's limit (CONFIG_NR_CPUS with MAXSMP)
@@ -37,6 +38,13 @@ def memory_node(text: str) -> str:
     if text.isascii() and text.isdigit():
         return str(int(text))
     raise argparse.ArgumentTypeError(f"{text!r} is not hbm, ddr or a NUMA node number")
+
+
+def interface_name(text: str) -> str:
+    """argparse type of ``--iface``: a Linux interface name (1-15 characters, no '/', ':' or blanks)."""
+    if 0 < len(text) <= 15 and text.isascii() and not any(c in text for c in "/: \t"):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a network interface name (1-15 characters, e.g. eth0, ib0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--logical-cores-for-ccl", action="store_true",
                    help="put oneCCL workers on hyper-thread siblings of the rank's cores instead of "
                         "taking physical cores from OpenMP")
+    d.add_argument("--iface", type=interface_name, metavar="NAME",
+                   help="network interface the ranks talk over, on every node (IPEX_LARS_IFACE; ranks then set "
+                        "CCL_KVS_IFACE, FI_TCP_IFACE and GLOO_SOCKET_IFNAME unless set). Default: each rank "
+                        "takes the interface holding its address towards the master address")
     d.add_argument("--mpiexec", metavar="PATH",
                    help="mpiexec.hydra to use (default: next to this Python, else on PATH)")
     s = p.add_argument_group("stopping")
@@ -241,6 +253,9 @@ def make_job(args: argparse.Namespace) -> Job:
     if launcher == "local" and distributed and (args.nnodes or 1) > 1:
         raise LaunchError("--launcher local runs on this machine only; use --launcher mpi, slurm or "
                           "torchrun-env for --nnodes > 1")
+    if args.iface and launcher == "local":
+        raise LaunchError("--iface applies to ranks that talk (--launcher mpi, slurm or torchrun-env), not to "
+                          "independent local instances; drop it")
     if args.node_rank != 0 and launcher != "torchrun-env":
         raise LaunchError("--node-rank only applies to --launcher torchrun-env")
 
@@ -271,6 +286,10 @@ def make_job(args: argparse.Namespace) -> Job:
         if not args.dry_run:
             os.environ["IPEX_LARS_JOB_ID"] = job  # every rank inherits it, through mpiexec and srun too
         plan.notes.append(f"job id {job} (IPEX_LARS_JOB_ID); {why}")
+        if args.iface:
+            if not args.dry_run:
+                os.environ[IFACE_ENV] = args.iface  # inherited by every rank, as the job id
+            plan.notes.append(f"ranks talk over interface {args.iface} ({IFACE_ENV})")
 
     if launcher in ("local", "torchrun-env"):
         binder = _binder(args, plan)
