@@ -10,7 +10,8 @@ program, so each rank has its own affinity variables before any OpenMP runtime s
 - ``LARS_RANK_ENVS`` (slurm): a JSON list of variables per local rank, planned by lars-run;
   ``LARS_RANK_PREFIXES`` (optional) a JSON list of argv prefixes per local rank (e.g. numactl).
 
-A rank that cannot be planned here exits 2 with one line naming its node and the problem.
+Either way the shim tells oneCCL the local rank and count (``CCL_LOCAL_RANK``/``CCL_LOCAL_SIZE``,
+unless set), which it otherwise guesses from host names. A rank that cannot be planned here exits 2 with one line naming its node and the problem.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(made)
     env, argv = made
     os.environ.update(env)
+    # oneCCL's slice of CCL_WORKER_AFFINITY: told, not guessed from host names (equal in some containers)
+    os.environ.setdefault("CCL_LOCAL_RANK", local)
+    if "CCL_LOCAL_SIZE" not in os.environ and os.environ.get("MPI_LOCALNRANKS", os.environ.get("SLURM_NTASKS_PER_NODE")):
+        os.environ["CCL_LOCAL_SIZE"] = os.environ.get("MPI_LOCALNRANKS") or os.environ["SLURM_NTASKS_PER_NODE"]
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:
