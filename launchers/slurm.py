@@ -52,7 +52,7 @@ def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: Env
     if nodefile:
         command.append(f"--nodefile={nodefile}")
         files[nodefile] = "".join(f"{h}\n" for h in hosts)
-    command += [*guard.command(grace, pmi_abort=False), sys.executable, "-m", "launchers.rank_exec", "--", *program]
+    command += [*guard.command(grace, pmi_abort=False, usr2_stops=True), sys.executable, "-m", "launchers.rank_exec", "--", *program]
     launch_env = dict(common, **{ENV_VAR: json.dumps(own[:per_node])})
     if bind_memory:
         launch_env[PREFIX_VAR] = json.dumps(prefixes)

@@ -202,7 +202,7 @@ def test_dry_run_plans_slurm_with_cpu_masks():
                  "--master-addr", "head", "--grace-period", "12.5", "train.py")
     assert len(plan["ranks"]) == 8 and plan["command"][0] == "srun"
     assert "--cpu-bind=mask_cpu:0xf,0xf0,0xf00,0xf000" in plan["command"]
-    guard = GUARD[:-1] + ["12.5", "--"]
+    guard = GUARD[:-1] + ["12.5", "--usr2-stops", "--"]
     start = plan["command"].index(sys.executable)
     assert plan["command"][start:start + len(guard) + 3] == guard + [sys.executable, "-m", "launchers.rank_exec"]
     assert json.loads(plan["launch_env"]["LARS_RANK_ENVS"])[3]["GOMP_CPU_AFFINITY"] == "12-14"
