@@ -160,3 +160,32 @@ def build(nnodes: int, workdir: Path | None = None, decoy: bool = True) -> Clust
         if decoy:  # hydra looks every local address up; unnamed, each costs a DNS timeout in a namespace
             f.writelines(f"{DECOY_SUBNET}.{10 + n.index} {n.host}-decoy {HOSTS_MARK}\n" for n in nodes)
     return Cluster(nodes, workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python tests/simcluster.py [--nodes N] -- CMD...``: build a cluster, run CMD on its first node
+    with hydra's bootstrap variables set (``{hostfile}`` in CMD becomes the cluster's hostfile), remove it."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="simcluster", description=main.__doc__)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    why = unavailable_reason()
+    if why or not command:
+        print(f"simcluster: {why or 'no command given'}", file=sys.stderr)
+        return 2
+    clean_stale()
+    cluster = build(args.nodes)
+    try:
+        argv_ = [a.replace("{hostfile}", str(cluster.hostfile)) for a in command]
+        return subprocess.run(cluster.nodes[0].command(argv_), env=dict(os.environ, **cluster.hydra_env())).returncode
+    finally:
+        cluster.teardown()
+        shutil.rmtree(cluster.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
