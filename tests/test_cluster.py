@@ -181,3 +181,24 @@ def test_every_process_on_every_node_ends_after_a_stop_or_a_death(request, clust
         assert runs[0].rc == 128 + signal.SIGTERM
     else:
         assert runs[0].rc not in (0, None), harness.describe(runs)
+
+
+def test_print_sbatch_script_runs_inside_its_allocation(cluster, slurm, one_process, tmp_path):
+    """The generated batch script, submitted: lars-run takes nodes, master address and port from the
+    allocation (SLURM_JOB_NODELIST, job id) with no hostfile."""
+    env = job_env(cluster, slurm.env())
+    program = [str(WORKERS / "ddp_train.py"), "gloo", STEPS, str(tmp_path)]
+    made = subprocess.run([sys.executable, "-m", "launchers", "--launcher", "slurm", "--print-sbatch", "--nnodes", "2",
+                           "--nprocs-per-node", "1", "--grace-period", "5", *program], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    script = tmp_path / "job.sbatch"
+    script.write_text(made.stdout)
+    run = subprocess.run(cluster.nodes[0].command(["sbatch", "--wait", f"--chdir={tmp_path}", str(script)]), env=env,
+                         capture_output=True, text=True, timeout=150)
+    outputs = "".join(p.read_text() for p in tmp_path.glob("lars-run-*.out"))
+    assert run.returncode == 0, run.stderr + outputs
+    assert outputs.count("TRAINED") == 2 and "derived by the ranks from Slurm" in outputs
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    for name, value in rank0.items():
+        torch.testing.assert_close(value, one_process[name], rtol=1e-5, atol=1e-6, msg=name)
