@@ -150,7 +150,8 @@ def build(nnodes: int, workdir: Path | None = None, decoy: bool = True) -> Clust
         _ip("link", "set", f"{PREFIX}h{i}", "up")
         _ip("-n", ns, "addr", "add", f"{node.addr}/24", "dev", "ilcv")
         _ip("-n", ns, "link", "set", "ilcv", "up")
-        _ip("-n", ns, "route", "add", "default", "via", f"{SUBNET}.1")
+        # no default route: the host's DNS server is unreachable from a node, and a lookup there (c10d
+        # names its peers) should fail at once, not after the resolver's timeouts
         nodes.append(node)
     ends_line = HOSTS_FILE.read_text().endswith("\n") if HOSTS_FILE.exists() else True
     with open(HOSTS_FILE, "a") as f:
