@@ -1,11 +1,12 @@
 """A simulated cluster on one host: a network namespace per node on a private bridge.
 
-Each node ``ilcnodeN`` is the namespace ``ilcnN`` with one veth leg on the bridge ``ilcbr0``
-(address 10.213.7.(10+N)/24, named in /etc/hosts) and, ordered before it, a decoy interface
-``ilcd`` (10.213.8.(10+N)/24, a veth pair inside the namespace that leads nowhere): a second
-network that a library picking "the first interface" takes, and from which no other node can
-be reached. Processes share the host's PID space, file system, /dev/shm and cgroups; only the
-network differs, which is what multi-node code gets wrong.
+Each node ``ilcnodeN`` is the namespace ``ilcnN`` (and that host name, in a UTS namespace of
+its own) with one veth leg ``ilcv`` on the bridge ``ilcbr0`` (10.213.7.(10+N)/24, named in
+/etc/hosts) and, listed before it, a decoy interface ``ilcd`` (10.213.8.(10+N)/24, a veth pair
+inside the namespace that leads nowhere): a second network that a library picking "the first
+interface" takes, and from which no other node can be reached. Processes share the host's PID
+space, file system, /dev/shm and cgroups; only the network and the host name differ, which is
+what multi-node code gets wrong.
 
 ``bootstrap_exec`` is a script ``HOST CMD...`` running CMD inside HOST's namespace, for hydra
 (``I_MPI_HYDRA_BOOTSTRAP=rsh``). Everything is removed by :meth:`Cluster.teardown`, and
@@ -42,9 +43,11 @@ class Node:
     addr: str
 
     def command(self, argv: list[str]) -> list[str]:
-        """``argv`` run inside this node's network namespace (mount namespace left alone, so
-        /sys/fs/cgroup stays visible: what slurmd needs, unlike ``ip netns exec``)."""
-        return ["nsenter", f"--net=/run/netns/{self.ns}", "--", *argv]
+        """``argv`` run inside this node's network namespace, under this node's host name (a UTS
+        namespace of its own); the mount namespace is left alone, so /sys/fs/cgroup stays visible:
+        what slurmd needs, unlike ``ip netns exec``. The process keeps the pid of the command."""
+        return ["nsenter", f"--net=/run/netns/{self.ns}", "--", "unshare", "--uts", "--", "/bin/sh", "-c",
+                'hostname "$0" && exec "$@"', self.host, *argv]
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Cluster:
     hostfile: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        table = "\n".join(f"  {n.host}|{n.addr}) ns={n.ns} ;;" for n in self.nodes)
+        table = "\n".join(f"  {n.host}|{n.addr}) ns={n.ns} name={n.host} ;;" for n in self.nodes)
         script = self.workdir / "ilc-rsh"
         # hydra calls it as `EXEC [options] HOST COMMAND...`; COMMAND is one shell string or several words
         script.write_text(f"""#!/bin/sh
@@ -65,7 +68,7 @@ case "$host" in
 {table}
   *) echo "ilc-rsh: unknown host $host" >&2; exit 255 ;;
 esac
-exec nsenter --net=/run/netns/$ns -- /bin/sh -c "$*"
+exec nsenter --net=/run/netns/$ns -- unshare --uts -- /bin/sh -c 'hostname "$0" && exec /bin/sh -c "$*"' "$name" "$@"
 """)
         script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
         self.bootstrap_exec = script

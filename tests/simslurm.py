@@ -102,9 +102,8 @@ def start(cluster: Cluster, timeout: float = 60) -> Slurm:
     env = dict(os.environ, SLURM_CONF=str(slurm.conf))
     log = open(root / "daemons.out", "ab")
     head = cluster.nodes[0]
-    # slurmctld runs only on a host whose name is SlurmctldHost: give it the head node's, in a UTS namespace
-    as_head = ["unshare", "--uts", "sh", "-c", f'hostname {head.host} && exec "$@"', "sh"]
-    slurm.procs.append(subprocess.Popen(head.command([*as_head, _exe("slurmctld"), "-D", "-i", "-f", str(slurm.conf)]),
+    # slurmctld runs only on a host whose name is SlurmctldHost: node commands run under the node's name
+    slurm.procs.append(subprocess.Popen(head.command([_exe("slurmctld"), "-D", "-i", "-f", str(slurm.conf)]),
                                         env=env, stdout=log, stderr=log))
     for n in cluster.nodes:
         (root / f"spool-{n.host}").mkdir(exist_ok=True)

@@ -181,6 +181,8 @@ def test_every_process_on_every_node_ends_after_a_stop_or_a_death(request, clust
         assert runs[0].rc == 128 + signal.SIGTERM
     else:
         assert runs[0].rc not in (0, None), harness.describe(runs)
+        said = "".join(r.err for r in runs)
+        assert "rank 1" in said and "ilcnode1" in said, harness.describe(runs)  # the dead rank and its node, named
 
 
 def test_print_sbatch_script_runs_inside_its_allocation(cluster, slurm, one_process, tmp_path):
