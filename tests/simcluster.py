@@ -9,7 +9,8 @@ space, file system, /dev/shm and cgroups; only the network and the host name dif
 what multi-node code gets wrong.
 
 ``bootstrap_exec`` is a script ``HOST CMD...`` running CMD inside HOST's namespace, for hydra
-(``I_MPI_HYDRA_BOOTSTRAP=rsh``). Everything is removed by :meth:`Cluster.teardown`, and
+(``I_MPI_HYDRA_BOOTSTRAP=rsh``); with ``ILC_CPUS_<host>=<cpus>`` in its environment, HOST's
+processes may use only those CPUs, as on a smaller node or under a cgroup cpuset. Everything is removed by :meth:`Cluster.teardown`, and
 :func:`clean_stale` removes what an earlier, killed run left behind.
 """
 
@@ -68,7 +69,9 @@ case "$host" in
 {table}
   *) echo "ilc-rsh: unknown host $host" >&2; exit 255 ;;
 esac
-exec nsenter --net=/run/netns/$ns -- unshare --uts -- /bin/sh -c 'hostname "$0" && exec /bin/sh -c "$*"' "$name" "$@"
+eval "cpus=\\${{ILC_CPUS_$name:-}}"  # a node with fewer CPUs: ILC_CPUS_<host>=<list>
+exec nsenter --net=/run/netns/$ns -- ${{cpus:+taskset -c $cpus}} unshare --uts -- \
+  /bin/sh -c 'hostname "$0" && exec /bin/sh -c "$*"' "$name" "$@"
 """)
         script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
         self.bootstrap_exec = script

@@ -11,6 +11,7 @@ Each of those prints ``CLUSTER-TIMING <launcher> <event> <seconds>`` (see with `
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -204,3 +205,22 @@ def test_print_sbatch_script_runs_inside_its_allocation(cluster, slurm, one_proc
     rank0 = torch.load(tmp_path / "rank0.pt")
     for name, value in rank0.items():
         torch.testing.assert_close(value, one_process[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+PROBE = ("import json, os, socket; print('PROBE ' + json.dumps([os.environ['PMI_RANK'], socket.gethostname(), "
+         "sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS']]), flush=True)")
+
+
+def test_mpi_ranks_are_planned_on_their_own_node(cluster, tmp_path):
+    """Node 1 may use only the last CPU (as a smaller node, or one under a cpuset): its rank's shim
+    plans from that, while node 0's rank gets its own, larger plan, in the same job."""
+    cpus = sorted(os.sched_getaffinity(0))
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = job_env(cluster, {"ILC_CPUS_ilcnode1": str(cpus[-1])})
+    run = subprocess.run(cluster.nodes[0].command([sys.executable, "-m", "launchers", "--launcher", "mpi", "--hostfile",
+                                                   str(cluster.hostfile), "--nprocs-per-node", "1", str(probe)]),
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    seen = sorted(json.loads(line[6:]) for line in run.stdout.splitlines() if line.startswith("PROBE "))
+    assert seen == [["0", "ilcnode0", cpus, "1"], ["1", "ilcnode1", [cpus[-1]], "1"]]
