@@ -90,7 +90,7 @@ def unavailable_reason() -> str | None:
     """Why no simulated cluster can be built here, or None."""
     if os.geteuid() != 0:
         return "the simulated cluster needs root (network namespaces, a bridge, /etc/hosts)"
-    for tool in ("ip", "nsenter"):
+    for tool in ("ip", "nsenter", "unshare", "taskset"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (apt-get install iproute2 util-linux)"
     probe = f"{PREFIX}probe{os.getpid() % 10000}"
