@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from affinity.cpuset import format_cpulist, hex_mask
+from affinity.cpuset import format_cpulist
 from affinity.plan import NodePlan, RankPlan
 
 ALLOCATORS = {  # name -> library stems, preferred first
@@ -125,11 +125,6 @@ def rank_env(rank: RankPlan, plan: NodePlan, choice: EnvChoice, *, ccl: bool,
         env["CCL_WORKER_AFFINITY"] = ",".join(str(r.ccl_worker_cores[i % len(r.ccl_worker_cores)])
                                               for r in plan.ranks for i in range(k))
     return env
-
-
-def mpi_pin_domain(plan: NodePlan) -> str:
-    """``I_MPI_PIN_DOMAIN`` mask list: local rank i is confined to mask i (its cores + workers)."""
-    return "[" + ",".join(hex_mask(r.cpus) for r in plan.ranks) + "]"
 
 
 def merge_preload(env: dict[str, str], inherited: str | None) -> dict[str, str]:

@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
+import tempfile
+from dataclasses import replace
 
 from affinity.cpuset import CpuListError, allowed_cpus, format_cpulist, parse_cpulist
 from affinity.env import EnvError, resolve
 from affinity.machine import Machine, MachineError, load_machine, this_machine
 from affinity.plan import NodePlan, PlanError, PlanRequest, make_plan, place_memory
 from affinity.topology import Topology, TopologyError, load_topology
-from launchers import identity, local, mpi, slurm, torchrun_env
+from launchers import hostlist, identity, local, mpi, slurm, torchrun_env
 from launchers.argtypes import OneLineParser, float_range, int_range
 from launchers.hostfile import HostfileError, read_hostfile
 from launchers.guard import GRACE
 from launchers.job import Job, LaunchError
+from launchers.rank_spec import RankSpec
 from launchers.supervise import DEFAULT_GRACE_S
 
+IFACE_ENV = "IPEX_LARS_IFACE"  # read by ipex_lars.distributed.interface in every rank
 LAUNCHERS = ("local", "mpi", "slurm", "torchrun-env")
 USAGE_ERRORS = (PlanError, TopologyError, MachineError, HostfileError, EnvError, LaunchError, CpuListError)
 MAX_CPUS = 8192  # Linux's limit (CONFIG_NR_CPUS with MAXSMP)
@@ -37,6 +42,13 @@ def memory_node(text: str) -> str:
     if text.isascii() and text.isdigit():
         return str(int(text))
     raise argparse.ArgumentTypeError(f"{text!r} is not hbm, ddr or a NUMA node number")
+
+
+def interface_name(text: str) -> str:
+    """argparse type of ``--iface``: a Linux interface name (1-15 characters, no '/', ':' or blanks)."""
+    if 0 < len(text) <= 15 and text.isascii() and not any(c in text for c in "/: \t"):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a network interface name (1-15 characters, e.g. eth0, ib0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,8 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--logical-cores-for-ccl", action="store_true",
                    help="put oneCCL workers on hyper-thread siblings of the rank's cores instead of "
                         "taking physical cores from OpenMP")
+    d.add_argument("--iface", type=interface_name, metavar="NAME",
+                   help="network interface the ranks talk over, on every node (IPEX_LARS_IFACE; ranks then set "
+                        "CCL_KVS_IFACE, FI_TCP_IFACE and GLOO_SOCKET_IFNAME unless set). Default: each rank "
+                        "takes the interface holding its address towards the master address")
     d.add_argument("--mpiexec", metavar="PATH",
                    help="mpiexec.hydra to use (default: next to this Python, else on PATH)")
+    d.add_argument("--extra-mpi-params", metavar="'OPTS'", default="",
+                   help="more mpiexec.hydra options, one shell-quoted string (e.g. '-genv I_MPI_DEBUG 5'), "
+                        "placed before the program; --launcher mpi only")
+    d.add_argument("--bind-numa-node", action="store_true", help=argparse.SUPPRESS)
     s = p.add_argument_group("stopping")
     s.add_argument("--grace-period", type=GRACE, default=DEFAULT_GRACE_S, metavar="SECONDS",
                    help="SIGTERM, SIGINT or SIGHUP to lars-run is passed to every rank (SIGINT as SIGINT, "
@@ -133,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--log-dir", help="write each process's stdout+stderr to LOG_DIR/rank_<N>.log")
     o.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    o.add_argument("--print-sbatch", action="store_true",
+                   help="--launcher slurm: print a batch script (nodes, tasks per node, CPUs per task from the "
+                        "plan) that runs this same lars-run command inside its allocation, and exit")
     o.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("-m", "--module", action="store_true",
                    help="PROGRAM is a Python module, run as `python -m PROGRAM`")
@@ -162,6 +185,13 @@ def program_argv(args: argparse.Namespace, spawned_here: bool) -> list[str]:
 
 def _hosts(args: argparse.Namespace, launcher: str) -> list[str]:
     hosts = read_hostfile(args.hostfile) if args.hostfile else None
+    where = f"hostfile {args.hostfile}"
+    if hosts is None and launcher == "slurm" and os.environ.get("SLURM_JOB_NODELIST"):  # inside an allocation
+        try:
+            hosts = hostlist.expand(os.environ["SLURM_JOB_NODELIST"])
+        except hostlist.HostlistError as exc:
+            raise LaunchError(f"SLURM_JOB_NODELIST: {exc}; pass --hostfile") from None
+        where = f"the allocation (SLURM_JOB_NODELIST={os.environ['SLURM_JOB_NODELIST']})"
     nnodes = args.nnodes if args.nnodes is not None else (len(hosts) if hosts else 1)
     if hosts is None:
         if nnodes == 1:
@@ -170,8 +200,8 @@ def _hosts(args: argparse.Namespace, launcher: str) -> list[str]:
             return [f"slurm-node-{i}" for i in range(nnodes)]
         raise LaunchError(f"--nnodes {nnodes} needs --hostfile (one hostname or IP per line)")
     if len(hosts) < nnodes:
-        raise LaunchError(f"--nnodes {nnodes} but hostfile {args.hostfile} lists only {len(hosts)} "
-                          "host(s); add hosts or lower --nnodes")
+        raise LaunchError(f"--nnodes {nnodes} but {where} lists only {len(hosts)} host(s); add hosts or lower "
+                          "--nnodes")
     return hosts[:nnodes]
 
 
@@ -241,6 +271,14 @@ def make_job(args: argparse.Namespace) -> Job:
     if launcher == "local" and distributed and (args.nnodes or 1) > 1:
         raise LaunchError("--launcher local runs on this machine only; use --launcher mpi, slurm or "
                           "torchrun-env for --nnodes > 1")
+    if args.bind_numa_node:
+        raise LaunchError("--bind-numa-node (ipexrun) is not a lars-run flag: each rank's memory is bound to its own "
+                          "NUMA node already when numactl works; use --memory-node ddr to require it")
+    if args.extra_mpi_params and launcher != "mpi":
+        raise LaunchError(f"--extra-mpi-params only applies to --launcher mpi (this is {launcher}); drop it")
+    if args.iface and launcher == "local":
+        raise LaunchError("--iface applies to ranks that talk (--launcher mpi, slurm or torchrun-env), not to "
+                          "independent local instances; drop it")
     if args.node_rank != 0 and launcher != "torchrun-env":
         raise LaunchError("--node-rank only applies to --launcher torchrun-env")
 
@@ -259,18 +297,27 @@ def make_job(args: argparse.Namespace) -> Job:
     plan.notes += choice.notes
     program = program_argv(args, not args.dry_run and launcher in ("local", "torchrun-env"))
     hosts = _hosts(args, launcher) if launcher != "local" else ["localhost"]
-    if args.master_addr is None and not args.hostfile and len(hosts) > 1:
+    if args.master_addr is None and not args.hostfile and len(hosts) > 1 and launcher != "slurm":
         raise LaunchError(f"--launcher {launcher} on {len(hosts)} nodes needs --master-addr or --hostfile")
     master = args.master_addr or (hosts[0] if args.hostfile else "127.0.0.1")
+    if launcher == "slurm":  # each rank derives what is not given from Slurm (ipex_lars.distributed.env)
+        master = args.master_addr
     if launcher != "local":  # ranks that meet: a job id of their own and a port no other job uses
         per_node_launch = launcher == "torchrun-env" and len(hosts) > 1  # each node runs its own lars-run
         job = identity.job_id(args.job_id or identity.default_job_id(),
                               [*hosts, master, *program] if per_node_launch else None)
-        port, why = identity.master_port(args.master_port, master, job, derive=per_node_launch)
-        args.master_port = port
+        if launcher == "slurm" and args.master_port is None:
+            why = "master address and port derived by the ranks from Slurm"
+        else:
+            args.master_port, why = identity.master_port(args.master_port, master or hosts[0], job,
+                                                         derive=per_node_launch)
         if not args.dry_run:
             os.environ["IPEX_LARS_JOB_ID"] = job  # every rank inherits it, through mpiexec and srun too
         plan.notes.append(f"job id {job} (IPEX_LARS_JOB_ID); {why}")
+        if args.iface:
+            if not args.dry_run:
+                os.environ[IFACE_ENV] = args.iface  # inherited by every rank, as the job id
+            plan.notes.append(f"ranks talk over interface {args.iface} ({IFACE_ENV})")
 
     if launcher in ("local", "torchrun-env"):
         binder = _binder(args, plan)
@@ -291,11 +338,20 @@ def make_job(args: argparse.Namespace) -> Job:
                                   "pip install impi-rt in this venv, or pass --mpiexec PATH")
             exe = mpi.MPIEXEC
             plan.notes.append("mpiexec.hydra not found here; shown by name")
-        return mpi.build(plan, hosts, program, choice, master_addr=master, master_port=args.master_port,
-                         mpiexec=exe, log_dir=args.log_dir, bind_memory=bind_memory, grace=args.grace_period)
+        try:
+            extra = shlex.split(args.extra_mpi_params)
+        except ValueError as exc:
+            raise LaunchError(f"--extra-mpi-params {args.extra_mpi_params!r}: {exc}; quote it as one shell string") \
+                from None
+        allowed_given = format_cpulist(parse_cpulist(args.allowed_cpus)) if args.allowed_cpus else None
+        spec = RankSpec(replace(req, ninstances=len(plan.ranks)), allowed_given, args.memory_allocator, args.omp_runtime, args.memory_node)
+        hostfile = os.path.join(args.log_dir or tempfile.gettempdir(), f"lars-run-{job}.hosts")
+        return mpi.build(plan, hosts, program, choice, spec, master_addr=master, master_port=args.master_port,
+                         mpiexec=exe, hostfile=hostfile, log_dir=args.log_dir, bind_memory=bind_memory,
+                         grace=args.grace_period, extra_mpi_params=extra)
+    nodefile = os.path.join(args.log_dir or tempfile.gettempdir(), f"lars-run-{job}.hosts") if args.hostfile else None
     return slurm.build(plan, hosts, program, choice, master_addr=master, master_port=args.master_port,
-                       nodelist=bool(args.hostfile), log_dir=args.log_dir, bind_memory=bind_memory,
-                       grace=args.grace_period)
+                       nodefile=nodefile, log_dir=args.log_dir, bind_memory=bind_memory, grace=args.grace_period)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.print_sbatch:
+            if args.launcher != "slurm":
+                raise LaunchError("--print-sbatch writes a Slurm batch script; add --launcher slurm")
+            args.dry_run = True
+            print(slurm.sbatch_script(make_job(args), list(sys.argv[1:] if argv is None else argv)), end="")
+            return 0
         job = make_job(args)
         if args.dry_run:
             print(job.to_json() if args.json else job.to_text())

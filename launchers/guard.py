@@ -12,7 +12,8 @@ the same rules hold on every host, whoever sends the signal (see :mod:`launchers
   connection hydra gave it; lars-run sets ``I_MPI_JOB_ABORT_SIGNAL=15``, so every other
   rank's guard gets SIGTERM and its grace period. Without this, hydra waits for ranks that do
   not use MPI (oneCCL wired by the c10d store) forever. Under srun, ``--kill-on-bad-exit``
-  ends the job.
+  ends the job; lars-run stops srun jobs with SIGUSR2 (``--usr2-stops``), since srun kills the
+  tasks outright at SIGTERM.
 * The exit code is the program's (128+N if signal N killed it); the program gets SIGKILL if
   the guard itself is killed.
 """
@@ -27,15 +28,15 @@ import subprocess
 import sys
 
 from launchers.argtypes import OneLineParser, float_range
-from launchers.supervise import DEFAULT_GRACE_S, Child, JobRun, catching, child_setup
+from launchers.supervise import DEFAULT_GRACE_S, STOP_SIGNALS, Child, JobRun, catching, child_setup
 
 GRACE = float_range(0, 3600)
 
 
-def command(grace: float, *, pmi_abort: bool) -> list[str]:
+def command(grace: float, *, pmi_abort: bool, usr2_stops: bool = False) -> list[str]:
     """The argv prefix that runs a rank's program under the guard."""
     return [sys.executable, "-m", "launchers.guard", "--grace-period", f"{grace:g}",
-            *(["--pmi-abort"] if pmi_abort else []), "--"]
+            *(["--pmi-abort"] if pmi_abort else []), *(["--usr2-stops"] if usr2_stops else []), "--"]
 
 
 def rank_label() -> str:
@@ -60,6 +61,9 @@ def _parser() -> OneLineParser:
                    help="seconds between the forwarded stop signal and SIGKILL (default 30)")
     p.add_argument("--pmi-abort", action="store_true",
                    help="when the program fails on its own, ask hydra to abort the job")
+    p.add_argument("--usr2-stops", action="store_true",
+                   help="(under srun) SIGUSR2 is a stop signal too, and the program starts with SIGUSR2 ignored: "
+                        "srun relays it to every process of the step")
     p.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS]")
     return p
 
@@ -73,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no PROGRAM given; append -- PROGRAM [ARGS]")
     label = rank_label()
     fd = os.environ.get("PMI_FD", "")
-    with catching() as pending:
+    stops = STOP_SIGNALS + ((signal.SIGUSR2,) if args.usr2_stops else ())
+    ignore_usr2 = (lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN)) if args.usr2_stops else None
+    with catching(stops) as pending:
         try:
-            proc = subprocess.Popen(program, preexec_fn=child_setup(signal.SIGKILL, own_group=True),
+            proc = subprocess.Popen(program, preexec_fn=child_setup(signal.SIGKILL, own_group=True, then=ignore_usr2),
                                     pass_fds=(int(fd),) if fd.isdigit() else ())
         except OSError as exc:
             print(f"lars-run: {label}: cannot start {program[0]!r}: {exc.strerror}", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ launcher runs it. Keeping the plan as data is what makes the dry run exact.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class Job:
     launch_env: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     binds_memory: bool = False
+    files: dict[str, str] = field(default_factory=dict)  # written before the command runs, removed after
 
     def memory(self, rank: RankLaunch) -> tuple[str, tuple[int, ...]]:
         """(policy, nodes) of the rank's memory: ``membind``/``preferred``, or ``first-touch`` and ()."""
@@ -77,7 +79,8 @@ class Job:
             policy, mem = self.memory(r)
             ranks.append(dict(r.to_dict(), memory_policy=policy, memory_nodes=list(mem) if mem else None))
         return {"launcher": self.launcher, "binder": self.binder, "command": self.command,
-                "launch_env": self.launch_env, "nodes": nodes, "ranks": ranks, "notes": self.notes}
+                "launch_env": self.launch_env, "files": self.files, "nodes": nodes, "ranks": ranks,
+                "notes": self.notes}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -94,6 +97,6 @@ class Job:
                          f"{format_cpulist(r.plan.numa_nodes):>4}  {format_cpulist(r.plan.cores):<16} "
                          f"{format_cpulist(r.plan.ccl_worker_cores) or '-':<8} {memory:<14} {' '.join(r.command)}")
         if self.command:
-            lines.append("command: " + " ".join(self.command))
+            lines.append("command: " + shlex.join(self.command))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

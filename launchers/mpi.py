@@ -1,10 +1,11 @@
 """Build and run an Intel MPI (``mpiexec.hydra`` from impi-rt) command for a multi-rank job.
 
-Ranks are pinned by ``I_MPI_PIN_DOMAIN`` (one hex mask per local rank, identical on every
-node). The command uses MPMD argument sets, one per rank with ``-host`` and ``-n 1``, so
-variables that differ between ranks (explicit OpenMP affinity lists) travel with ``-env``
-and the rest once with ``-genv``. Intel MPI places no memory; with ``bind_memory`` each
-rank's argument set starts its program under ``numactl --membind/--preferred``.
+The command has ipexrun's shape, ``mpiexec.hydra -np N -ppn P -hostfile F -genv ... PROGRAM``,
+and the same size for any number of ranks: the hosts go in a file lars-run writes, and what
+differs per rank (cores, OpenMP affinity, oneCCL workers, numactl for memory) is worked out on
+each node by the shim :mod:`launchers.rank_exec` from ``MPI_LOCALRANKID`` and the node's own
+topology (``LARS_RANK_PLAN``), so nodes that differ get plans of their own. hydra's pinning is
+off (``I_MPI_PIN=0``): the shim pins each rank to its planned CPUs.
 
 Each program runs under :mod:`launchers.guard`. What hydra (Intel MPI 2021.18) does, measured:
 SIGTERM and SIGINT to mpiexec are relayed to every rank, and mpiexec then waits for them,
@@ -25,11 +26,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from affinity.env import EnvChoice, merge_preload, mpi_pin_domain, rank_env
+from affinity.env import EnvChoice, merge_preload, rank_env
 from affinity.plan import NodePlan
 from launchers import guard
 from launchers.job import Job, LaunchError, RankLaunch, make_log_dir
 from launchers.local import memory_options
+from launchers.rank_spec import SPEC_VAR, RankSpec
 from launchers.supervise import Child, JobRun, catching, child_setup, to_ranks, to_srun
 
 MPIEXEC = "mpiexec.hydra"
@@ -50,44 +52,44 @@ def split_env(envs: list[dict[str, str]]) -> tuple[dict[str, str], list[dict[str
     return common, [{k: v for k, v in e.items() if k not in common} for e in envs]
 
 
-def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: EnvChoice, *,
-          master_addr: str, master_port: int, mpiexec: str, log_dir: str | None = None,
-          bind_memory: bool = False, grace: float) -> Job:
-    """One rank per plan entry on every host, in host order (rank = node * nprocs + local);
-    with ``log_dir`` each rank's stdout+stderr go to ``log_dir/rank_<rank>.log``; with
-    ``bind_memory`` each rank runs under numactl placing its memory as its plan says; each
-    program runs under :mod:`launchers.guard` with ``grace`` seconds between stop and SIGKILL."""
-    domain = mpi_pin_domain(node_plan)
+def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: EnvChoice, spec: RankSpec, *,
+          master_addr: str, master_port: int, mpiexec: str, hostfile: str, log_dir: str | None = None,
+          bind_memory: bool = False, grace: float, extra_mpi_params: list[str] = ()) -> Job:
+    """``len(hosts) * len(node_plan.ranks)`` ranks, rank = node * nprocs + local, in host order. The
+    ranks listed are what ``node_plan`` (this machine's, or the one described) gives every node;
+    each node's shim plans its own from ``spec``. ``hostfile``: where lars-run writes the hosts at
+    launch; ``log_dir``: one ``rank_<rank>.log`` per rank; ``bind_memory``: ranks run under numactl
+    placing their memory; ``grace``: seconds between stop and SIGKILL (guard);
+    ``extra_mpi_params``: more mpiexec options, placed before the program."""
+    per_node = len(node_plan.ranks)
     ranks: list[RankLaunch] = []
     for n, host in enumerate(hosts):
         for r in node_plan.ranks:
             env = merge_preload(rank_env(r, node_plan, choice, ccl=True), os.environ.get("LD_PRELOAD"))
-            env.update(I_MPI_PIN_DOMAIN=domain, MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+            env.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
             prefix = ["numactl", *memory_options(r)] if bind_memory else []
-            ranks.append(RankLaunch(n * len(node_plan.ranks) + r.local_rank, r.local_rank, host, r,
-                                    env, prefix + program))
-    common, own = split_env([r.env for r in ranks])
-    guarded = guard.command(grace, pmi_abort=True)
-    command = [mpiexec]
+            ranks.append(RankLaunch(n * per_node + r.local_rank, r.local_rank, host, r, env, prefix + program))
+    common = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "I_MPI_PIN": "0",
+              SPEC_VAR: spec.to_json()}
+    command = [mpiexec, "-np", str(len(hosts) * per_node), "-ppn", str(per_node), "-hostfile", hostfile]
     if log_dir:
         pattern = os.path.join(log_dir, "rank_%r.log")
         command += ["-outfile-pattern", pattern, "-errfile-pattern", pattern]
     for k, v in common.items():
         command += ["-genv", k, v]
-    for i, (rank, extra) in enumerate(zip(ranks, own)):
-        if i:
-            command.append(":")
-        command += ["-host", rank.host, "-n", "1"]
-        for k, v in extra.items():
-            command += ["-env", k, v]
-        command += guarded + rank.command
+    command += [*extra_mpi_params, *guard.command(grace, pmi_abort=True),
+                sys.executable, "-m", "launchers.rank_exec", "--", *program]
     # hydra starts its proxies by name: its own bin directory must be on PATH
     bindir, path = os.path.dirname(mpiexec), os.environ.get("PATH", "")
     launch_env = {"PATH": bindir + os.pathsep + path} if bindir and bindir not in path.split(os.pathsep) else {}
     if ABORT_SIGNAL not in os.environ:  # a failed rank's guard aborts the job: others get SIGTERM, not SIGKILL
         launch_env[ABORT_SIGNAL] = str(int(signal.SIGTERM))
-    return Job("mpi", "I_MPI_PIN_DOMAIN", hosts, node_plan, ranks, command, launch_env,
-               list(node_plan.notes), binds_memory=bind_memory)
+    notes = [*node_plan.notes, f"each node plans its own {per_node} rank(s) at launch from its CPUs and cpuset "
+             "(launchers.rank_exec); listed: the plan for this machine" if not spec.allowed else
+             f"each node plans its own {per_node} rank(s) at launch within --allowed-cpus {spec.allowed}",
+             f"hosts written to {hostfile} at launch"]
+    return Job("mpi", "rank_exec (sched_setaffinity)", hosts, node_plan, ranks, command, launch_env, notes,
+               binds_memory=bind_memory, files={hostfile: "".join(f"{h}\n" for h in hosts)})
 
 
 def run_outer(job: Job, log_dir: str | None, grace: float) -> int:
@@ -97,6 +99,19 @@ def run_outer(job: Job, log_dir: str | None, grace: float) -> int:
     proxies then send the ranks SIGTERM). Returns lars-run's exit code."""
     assert job.command is not None
     make_log_dir(log_dir)
+    for path, text in job.files.items():
+        try:
+            Path(path).write_text(text)
+        except OSError as exc:
+            raise LaunchError(f"cannot write {path}: {exc.strerror}; pass a writable --log-dir") from None
+    try:
+        return _supervise(job, log_dir, grace)
+    finally:
+        for path in job.files:
+            Path(path).unlink(missing_ok=True)
+
+
+def _supervise(job: Job, log_dir: str | None, grace: float) -> int:
     env = dict(os.environ)
     env.update(job.launch_env)
     with catching() as pending:

@@ -184,11 +184,15 @@ def test_dry_run_json_plans_a_described_two_node_cluster(tmp_path):
         (0, 0, "xeon-a", 0), (1, 1, "xeon-a", 1), (2, 0, "10.0.0.2", 0), (3, 1, "10.0.0.2", 1)]
     assert ranks[1]["cores"] == [4, 5, 6, 7] and ranks[1]["ccl_worker_cores"] == [15]
     assert set(ranks[0]) >= {"rank", "local_rank", "host", "numa_node", "cores", "ccl_worker_cores", "env", "command"}
-    assert ranks[0]["env"]["I_MPI_PIN_DOMAIN"] == "[0x80f,0x80f0]"
     assert ranks[0]["env"]["MASTER_ADDR"] == "xeon-a"
     cmd = plan["command"]
-    assert cmd[0].endswith("mpiexec.hydra") and cmd.count(":") == 3 and cmd.count("-host") == 4
-    assert cmd.count("launchers.guard") == 4 and cmd.count("--pmi-abort") == 4
+    assert cmd[0].endswith("mpiexec.hydra") and cmd[1:6] == ["-np", "4", "-ppn", "2", "-hostfile"]
+    assert plan["files"] == {cmd[6]: "xeon-a\n10.0.0.2\n"}  # written at launch, ipexrun's form
+    genv = {cmd[i + 1]: cmd[i + 2] for i, a in enumerate(cmd) if a == "-genv"}
+    assert genv["MASTER_ADDR"] == "xeon-a" and genv["I_MPI_PIN"] == "0"  # the shim pins, from its node's plan
+    spec = json.loads(genv["LARS_RANK_PLAN"])
+    assert spec["request"]["ninstances"] == 2 and spec["request"]["logical_cores_for_ccl"] is True
+    assert cmd.count("launchers.guard") == 1 and cmd.count("--pmi-abort") == 1 and cmd.count("launchers.rank_exec") == 1
     assert plan["launch_env"]["I_MPI_JOB_ABORT_SIGNAL"] == "15"  # a failed rank's guard aborts: others get SIGTERM
     assert ranks[0]["command"][-2:] == ["-m", "ipex_lars.train"]
 
@@ -198,7 +202,7 @@ def test_dry_run_plans_slurm_with_cpu_masks():
                  "--master-addr", "head", "--grace-period", "12.5", "train.py")
     assert len(plan["ranks"]) == 8 and plan["command"][0] == "srun"
     assert "--cpu-bind=mask_cpu:0xf,0xf0,0xf00,0xf000" in plan["command"]
-    guard = GUARD[:-1] + ["12.5", "--"]
+    guard = GUARD[:-1] + ["12.5", "--usr2-stops", "--"]
     start = plan["command"].index(sys.executable)
     assert plan["command"][start:start + len(guard) + 3] == guard + [sys.executable, "-m", "launchers.rank_exec"]
     assert json.loads(plan["launch_env"]["LARS_RANK_ENVS"])[3]["GOMP_CPU_AFFINITY"] == "12-14"
@@ -244,9 +248,9 @@ def test_xeon_max_snc4_rank_on_node_k_prefers_hbm_node_k_plus_8(launcher):
         assert commands[5][:3] == ["numactl", "--physcpubind=70-83", "--preferred=13"]
     else:  # pinned by I_MPI_PIN_DOMAIN / srun, memory placed by numactl in front of each rank
         assert [c[:2] for c in commands] == [["numactl", f"--preferred={k + 8}"] for k in range(8)]
-    if launcher == "mpi":
-        assert (" -n 1 -env GOMP_CPU_AFFINITY 70-82 " + " ".join(GUARD) + " --pmi-abort -- numactl --preferred=13 "
-                in " ".join(plan["command"]))
+    if launcher == "mpi":  # each node's shim plans its ranks' memory itself
+        cmd = plan["command"]
+        assert json.loads(cmd[cmd.index("LARS_RANK_PLAN") + 1])["memory_node"] == "hbm"
     if launcher == "slurm":
         assert json.loads(plan["launch_env"]["LARS_RANK_PREFIXES"])[5] == ["numactl", "--preferred=13"]
 

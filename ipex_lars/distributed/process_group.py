@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ipex_lars.distributed import backend as oneccl
-from ipex_lars.distributed import liveness, rendezvous
+from ipex_lars.distributed import interface, liveness, rendezvous
 from ipex_lars.distributed.env import Launch, apply_defaults, ccl_defaults, detect, job_id
 from ipex_lars.distributed.rendezvous import TIMEOUT_ENV
 
@@ -123,6 +123,9 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None, verbos
     import torch.distributed as dist
 
     launch = detect()
+    iface = interface.apply(launch)  # before any backend reads CCL_KVS_IFACE / FI_TCP_IFACE / GLOO_SOCKET_IFNAME
+    if verbose and launch.rank == 0 and launch.world_size > 1:
+        print(f"[ipex_lars.distributed] {iface.line()}", file=sys.stderr, flush=True)
     cpus = len(os.sched_getaffinity(0))
     env_set = apply_defaults(ccl_defaults(launch, cpus))
     if "OMP_NUM_THREADS" in env_set:
