@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
 import time
 
+from ipex_lars.bench.local_job import finish, start_ranks
 from launchers.argtypes import csv_of, float_range, int_range
-from launchers.identity import free_port
 
 BACKENDS = ("oneccl", "gloo")
 SIZES = ["1K", "4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M", "100M", "256M"]
@@ -28,6 +28,7 @@ RESNET50_VALUES = 25_557_032
 RESNET50_TENSORS = 161
 TARGETS = {"allreduce 100M, 2 ranks": 2.5, "allreduce 1K, 2 ranks": 5.0, "DDP step, 2 ranks": 2.0}
 MAX_SIZE = 1 << 30  # each rank holds one tensor of the size
+JOB_TIMEOUT_S = 900  # one job of ranks, all sizes and the DDP steps
 
 
 def parse_size(size: str) -> int:
@@ -72,11 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- one rank
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
 def _time_allreduce(torch, dist, tensor, budget: float) -> float:
     start = time.perf_counter()
     for _ in range(2):
@@ -90,7 +86,7 @@ def _time_allreduce(torch, dist, tensor, budget: float) -> float:
         start = time.perf_counter()
         dist.all_reduce(tensor)
         times.append(time.perf_counter() - start)
-    return _median(times)
+    return statistics.median(times)
 
 
 def _time_ddp_step(torch, dist, steps: int) -> float:
@@ -117,7 +113,7 @@ def _time_ddp_step(torch, dist, steps: int) -> float:
         model(x).backward()
         if i >= 2:
             times.append(time.perf_counter() - start)
-    return _median(times)
+    return statistics.median(times)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -144,26 +140,15 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _job(backend: str, world: int, args: argparse.Namespace) -> dict:
-    port = str(free_port())
     argv = [sys.executable, "-m", "ipex_lars.bench.comm", "--worker", backend, "--sizes", ",".join(args.sizes),
             "--seconds", str(args.seconds), "--ddp-steps", str(args.ddp_steps)]
-    procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE")}
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    try:
-        outputs = [p.communicate(timeout=900) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        raise RuntimeError(f"{backend} with {world} ranks did not finish within 900 s") from None
-    if any(p.returncode for p in procs):
-        details = "\n".join(f"rank {r}: rc={p.returncode}\n{err[-2000:]}" for r, (p, (_, err))
-                            in enumerate(zip(procs, outputs)))
+    ranks = finish(start_ranks(argv, world, env={**os.environ, "OMP_NUM_THREADS": "1"}), timeout=JOB_TIMEOUT_S)
+    if any(r.rc is None for r in ranks):
+        raise RuntimeError(f"{backend} with {world} ranks did not finish within {JOB_TIMEOUT_S} s")
+    if any(r.rc for r in ranks):
+        details = "\n".join(f"rank {i}: rc={r.rc}\n{r.err[-2000:]}" for i, r in enumerate(ranks))
         raise RuntimeError(f"{backend} with {world} ranks failed:\n{details}")
-    line = next(x for x in outputs[0][0].splitlines() if x.startswith("RESULT "))
+    line = next(x for x in ranks[0].out.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
