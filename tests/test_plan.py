@@ -12,7 +12,7 @@ from ipex_lars.plan import calibrate
 from ipex_lars.plan.cost import (Network, PlanInputs, allreduce_cost, choose_allreduce, coefficients,
                                  hiding_bandwidth, predict, scaling)
 from ipex_lars.plan.inputs import read_bench_throughput
-from ipex_lars.plan.presets import SCENARIOS, cores_x_base_ghz
+from ipex_lars.plan.presets import MODELS, SCENARIOS, cores_x_base_ghz
 
 GB = 1e9
 
@@ -152,6 +152,13 @@ def test_fit_keeps_latency_non_negative():
 def test_message_bytes_match_what_bench_comm_reduces():
     assert calibrate.message_bytes("4K") == 4096
     assert calibrate.message_bytes("1M") == 1 << 20
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_presets_are_the_real_models_parameter_counts(name):
+    from ipex_lars.models import parameter_sizes
+
+    assert MODELS[name].params == sum(parameter_sizes(name, num_classes=1000))
 
 
 def test_from_bench_takes_the_best_rate_of_the_chosen_model(tmp_path):

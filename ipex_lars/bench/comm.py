@@ -2,9 +2,9 @@
 
 One run starts, for each world size and backend, a job of local rank processes
 (torchrun-style variables, one thread each). Every job sweeps allreduce over message
-sizes, then times a DDP step on a model with ResNet-50's gradient volume (25.6M fp32
-values in 161 tensors) whose forward and backward cost almost nothing, so the step
-time is the gradient allreduce DDP cannot hide. Rank 0 reports medians; the parent
+sizes, then times a DDP step on a model with ResNet-50's gradient volume (its parameter
+count, counted from the model, in as many fp32 tensors) whose forward and backward cost
+almost nothing, so the step time is the gradient allreduce DDP cannot hide. Rank 0 reports medians; the parent
 prints a table with gloo/oneccl ratios and the same figures as JSON.
 
 Bus bandwidth follows the NCCL convention: bytes x 2(n-1)/n / time.
@@ -24,8 +24,6 @@ from launchers.argtypes import csv_of, float_range, int_range
 
 BACKENDS = ("oneccl", "gloo")
 SIZES = ["1K", "4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M", "100M", "256M"]
-RESNET50_VALUES = 25_557_032
-RESNET50_TENSORS = 161
 TARGETS = {"allreduce 100M, 2 ranks": 2.5, "allreduce 1K, 2 ranks": 5.0, "DDP step, 2 ranks": 2.0}
 MAX_SIZE = 1 << 30  # each rank holds one tensor of the size
 JOB_TIMEOUT_S = 900  # one job of ranks, all sizes and the DDP steps
@@ -89,16 +87,16 @@ def _time_allreduce(torch, dist, tensor, budget: float) -> float:
     return statistics.median(times)
 
 
-def _time_ddp_step(torch, dist, steps: int) -> float:
+def _time_ddp_step(torch, dist, steps: int, values: int, tensors: int) -> float:
     from torch import nn
 
     class GradientVolume(nn.Module):
-        """ResNet-50's parameter count in as many tensors, with a forward that costs ~nothing."""
+        """``values`` parameters in ``tensors`` equal tensors, with a forward that costs ~nothing."""
 
         def __init__(self) -> None:
             super().__init__()
-            sizes = [RESNET50_VALUES // RESNET50_TENSORS] * RESNET50_TENSORS
-            sizes[-1] += RESNET50_VALUES - sum(sizes)
+            sizes = [values // tensors] * tensors
+            sizes[-1] += values - sum(sizes)
             self.params = nn.ParameterList(nn.Parameter(torch.zeros(n)) for n in sizes)
 
         def forward(self, x):
@@ -121,6 +119,7 @@ def _worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     import ipex_lars.distributed as ild
+    from ipex_lars.models import parameter_sizes
 
     ild.init(backend=args.worker, timeout=120, verbose=False)
     torch.set_num_threads(1)
@@ -129,7 +128,9 @@ def _worker(args: argparse.Namespace) -> int:
         tensor = torch.ones(max(1, parse_size(label) // 4))
         result["allreduce_s"][label] = _time_allreduce(torch, dist, tensor, args.seconds)
         del tensor
-    result["ddp_step_s"] = _time_ddp_step(torch, dist, args.ddp_steps)
+    resnet50 = parameter_sizes("resnet50")
+    result["ddp_values"], result["ddp_tensors"] = sum(resnet50), len(resnet50)
+    result["ddp_step_s"] = _time_ddp_step(torch, dist, args.ddp_steps, sum(resnet50), len(resnet50))
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
     dist.destroy_process_group()
@@ -173,7 +174,8 @@ def _report(results: dict, backends: list[str], worlds: list[int], sizes: list[s
             print(row)
     print()
     for world in worlds:
-        row = f"DDP step, 25.6M fp32 grads, {world} ranks: " + ", ".join(
+        values = results[backends[0]][str(world)]["ddp_values"]
+        row = f"DDP step, {values / 1e6:.1f}M fp32 grads, {world} ranks: " + ", ".join(
             f"{b} {results[b][str(world)]['ddp_step_s'] * 1e3:.1f} ms" for b in backends)
         if compare:
             ratio = results[base][str(world)]["ddp_step_s"] / results[fast][str(world)]["ddp_step_s"]

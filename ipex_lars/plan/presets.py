@@ -26,12 +26,15 @@ class ModelPreset:
     source: str
 
 
+# Parameter counts at 1000 classes, written out because the planner runs without torch;
+# tests/test_plan.py counts the real models (ipex_lars.models) and checks these equal them.
+RESNET50_PARAMS = 25_557_032
+ALEXNET_BN_PARAMS = 62_396_104
+
 MODELS = {
-    "resnet50": ModelPreset(25_557_032, "torchvision.models.resnet50(), 1000 classes: sum of parameter sizes "
-                                        "(counted with torch 2.8; ipex_lars/bench/comm.py uses the same figure)"),
-    "alexnet_bn": ModelPreset(62_396_104, "ipex_lars/models/alexnet_bn.py, 1000 classes: sum of parameter sizes "
-                                          "(counted once with torch 2.8; torchvision's AlexNet without BN has "
-                                          "61,100,840)"),
+    "resnet50": ModelPreset(RESNET50_PARAMS, "torchvision.models.resnet50(), 1000 classes: sum of parameter sizes"),
+    "alexnet_bn": ModelPreset(ALEXNET_BN_PARAMS, "ipex_lars/models/alexnet_bn.py, 1000 classes: sum of parameter "
+                                                 "sizes (torchvision's AlexNet without BN has 61,100,840)"),
 }
 
 
