@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per candidate first (default: 3)")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow per-parameter reference")
     parser.add_argument("--no-compile", action="store_true",
-                        help="skip the torch.compile'd foreach LARS (its compile takes minutes on many tensors)")
+                        help="skip the torch.compile'd foreach LARS (its compile time grows with the tensor count; "
+                             "see docs/BENCHMARKS.md)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 
@@ -72,7 +73,7 @@ def _candidates(shapes: list[tuple[int, ...]], impls: list[str], compiled: bool)
         steps["compiled-foreach"] = _compiled_foreach(shapes, hyper)
     elif compiled:
         print(f"[bench optimizer] compiled-foreach skipped for {len(shapes)} tensors: torch.compile's time grows "
-              f"with the tensor count (minutes at {MAX_COMPILED_TENSORS}); see docs/BENCHMARKS.md", file=sys.stderr)
+              f"with the tensor count (limit {MAX_COMPILED_TENSORS}); see docs/BENCHMARKS.md", file=sys.stderr)
     ipex_step = _ipex_candidate(shapes, hyper)
     if ipex_step is not None:
         steps["ipex"] = ipex_step
