@@ -20,6 +20,7 @@ import sys
 import time
 
 from ipex_lars.bench.local_job import finish, start_ranks
+from ipex_lars.bench.options import one_of
 from launchers.argtypes import csv_of, float_range, int_range
 
 BACKENDS = ("oneccl", "gloo")
@@ -35,13 +36,6 @@ def parse_size(size: str) -> int:
     return int(float(size[:-1]) * units[size[-1]]) if size[-1] in units else int(size)
 
 
-def backend_name(text: str) -> str:
-    """argparse type of one ``--backends`` item."""
-    if text not in BACKENDS:
-        raise argparse.ArgumentTypeError(f"unknown backend {text!r}")
-    return text
-
-
 def size_text(text: str) -> str:
     """argparse type of one ``--sizes`` item: 1 byte to 1G, kept as written (it labels the results)."""
     try:
@@ -54,7 +48,7 @@ def size_text(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backends", type=csv_of(backend_name, f"backends out of {', '.join(BACKENDS)}"),
+    parser.add_argument("--backends", type=csv_of(one_of(BACKENDS), f"backends out of {', '.join(BACKENDS)}"),
                         default=",".join(BACKENDS), help=f"comma-separated subset of {', '.join(BACKENDS)} "
                                                          f"(default: {','.join(BACKENDS)})")
     parser.add_argument("--worlds", type=csv_of(int_range(2, 256), "rank counts from 2 to 256"), default="2,4",
