@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cli_runner import run_cli
+from ipex_lars import cli
 from ipex_lars.data import TensorData, eval_batches, write_skipped
 from ipex_lars.data.folder import ImageFolderData, SkippedImage, folder_datasets, load_image
 from ipex_lars.train import checkpoint
@@ -94,16 +95,28 @@ def test_resume_on_folder_data_is_exact_with_workers(tmp_path, image_root):
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda root: root / "missing", "does not exist"),
-    (lambda root: root.mkdir() or root, "train does not exist"),
-    (lambda root: (root / "train" / "a").mkdir(parents=True) or (root / "val").mkdir() or root, "no images"),
+    (lambda root: root / "missing", "--data-dir {root} does not exist; point it at a folder with train/ and val/"),
+    (lambda root: root.mkdir() or root, "data folder {root}/train does not exist; expected ROOT/train/CLASS/*.JPEG "
+                                        "and ROOT/val/CLASS/*.JPEG (ImageNet layout)"),
+    (lambda root: (root / "train" / "a").mkdir(parents=True) or (root / "val").mkdir() or root,
+     "class folder {root}/train/a has no images (.bmp, .jpeg, .jpg, .png, .webp); remove it or add images"),
 ])
-def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path, make, message):
+def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path, make, message, capsys):
     root = make(tmp_path / "data")
-    out = run_cli("train", "--data", "imagefolder", "--data-dir", str(root), "--out-dir", str(tmp_path / "run"),
-                  env={"OMP_NUM_THREADS": "1"})
+    code = cli.main(["train", "--data", "imagefolder", "--data-dir", str(root), "--out-dir", str(tmp_path / "run"),
+                     "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines()[-1] == "ipex-lars train: error: " + message.format(root=root), err
+    assert "Traceback" not in err
+
+
+def test_a_missing_data_folder_ends_the_installed_command_with_exit_2(tmp_path):
+    out = run_cli("train", "--data", "imagefolder", "--data-dir", str(tmp_path / "missing"),
+                  "--out-dir", str(tmp_path / "run"), env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 2, out.stderr
-    assert message in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == (f"ipex-lars train: error: --data-dir {tmp_path / 'missing'} does not exist; "
+                                           "point it at a folder with train/ and val/")
+    assert "Traceback" not in out.stderr
 
 
 @contextmanager
