@@ -25,7 +25,8 @@ EXPERIMENTS = {
 }
 # `ipex-lars bench NAME`
 BENCHMARKS = {
-    "optimizer": ("ipex_lars.bench.optimizer", "LARS step time: fused vs foreach vs reference (vs IPEX) vs the memory floor"),
+    "optimizer": ("ipex_lars.bench.optimizer",
+                  "LARS step time: fused vs foreach vs reference (vs IPEX) vs the memory floor"),
     "comm": ("ipex_lars.bench.comm", "allreduce latency/bus bandwidth 1 KB-256 MB and a DDP step: oneccl vs gloo"),
     "train": ("ipex_lars.bench.train", "training img/s per precision x layout x backend x optimizer x batch, "
                                         "as ratios to plain PyTorch; per-phase times, memory, --ranks scaling"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from cli_runner import run_cli
+
 from ipex_lars import cli
 from ipex_lars.bench.train import outcome
 from ipex_lars.bench.train_worker import RESULT_TAG

@@ -6,10 +6,9 @@ import json
 import os
 
 import pytest
+from cli_runner import run_cli as _run
 
 from ipex_lars import cli
-
-from cli_runner import run_cli as _run
 
 
 def test_help_lists_every_command():
@@ -67,7 +66,8 @@ def test_bench_optimizer_prints_ratios_as_json(tmp_path):
      "argument --sizes: expected comma-separated sizes from 1 byte to 1G, e.g. 1K,4M,256M, got '4Q'"),
     (["bench", "comm", "--sizes", "1K,"],
      "argument --sizes: expected comma-separated sizes from 1 byte to 1G, e.g. 1K,4M,256M, got '1K,'"),
-    (["bench", "comm", "--worlds", "1"], "argument --worlds: expected comma-separated rank counts from 2 to 256, got '1'"),
+    (["bench", "comm", "--worlds", "1"],
+     "argument --worlds: expected comma-separated rank counts from 2 to 256, got '1'"),
     (["bench", "comm", "--backends", "nccl"],
      "argument --backends: expected comma-separated backends out of oneccl, gloo, got 'nccl'"),
     (["train", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),

@@ -7,12 +7,20 @@ import math
 import re
 
 import pytest
-
 from cli_runner import run_cli
+
 from ipex_lars import cli
 from ipex_lars.plan import calibrate
-from ipex_lars.plan.cost import (Network, PlanInputs, allreduce_cost, choose_allreduce, coefficients,
-                                 hiding_bandwidth, predict, scaling)
+from ipex_lars.plan.cost import (
+    Network,
+    PlanInputs,
+    allreduce_cost,
+    choose_allreduce,
+    coefficients,
+    hiding_bandwidth,
+    predict,
+    scaling,
+)
 from ipex_lars.plan.inputs import read_bench_throughput
 from ipex_lars.plan.presets import MODELS, SCENARIOS, cores_x_base_ghz
 

@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     for name, value in ratios.items():
         print(f"ratio {name:<24} {value:6.2f}")
     report = {"benchmark": "launch", "ratios": ratios, "rounds": args.rounds,
-              "load_average": [load_before, load_after], "instances": args.instances, "size": args.size, "seconds": args.seconds,
+              "load_average": [load_before, load_after], "instances": args.instances, "size": args.size,
+              "seconds": args.seconds,
               "torch": torch.__version__, "allowed_cpus": len(os.sched_getaffinity(0)), "results": results}
     print(json.dumps(report, indent=2))
     if args.json_out:

@@ -14,7 +14,7 @@ import math
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ipex_lars.bench.options import one_of
 from launchers.argtypes import csv_of, int_range
