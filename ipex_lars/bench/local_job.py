@@ -1,8 +1,8 @@
 """A job of local rank processes started the way torchrun starts them, and their outputs collected.
 
-``ipex-lars bench comm`` and the distributed tests both need N processes of one command on
-this machine, each told its rank through torchrun's variables and all meeting on one free
-port. This module is the one place that does it; neither imports torch.
+``ipex-lars bench comm`` and the distributed tests' harness both need N processes of one
+command on this machine, each told its rank through torchrun's variables and all meeting on
+one free port; they share this module. It does not import torch.
 """
 
 from __future__ import annotations
