@@ -20,11 +20,13 @@ COMMANDS = {
 # `ipex-lars experiment NAME`
 EXPERIMENTS = {
     "large-batch": ("ipex_lars.experiments.large_batch",
-                    "SGD (linear scaling + warmup) vs LARS at growing batch sizes on digits; table and plot"),
+                    "SGD vs LARS on MNIST digits (mnist5k): an lr sweep at one large batch, then growing batch "
+                    "sizes; tables and plots"),
 }
 # `ipex-lars bench NAME`
 BENCHMARKS = {
-    "optimizer": ("ipex_lars.bench.optimizer", "LARS step time: fused vs foreach vs reference (vs IPEX) vs the memory floor"),
+    "optimizer": ("ipex_lars.bench.optimizer",
+                  "LARS step time: fused vs foreach vs reference (vs IPEX) vs the memory floor"),
     "comm": ("ipex_lars.bench.comm", "allreduce latency/bus bandwidth 1 KB-256 MB and a DDP step: oneccl vs gloo"),
     "train": ("ipex_lars.bench.train", "training img/s per precision x layout x backend x optimizer x batch, "
                                         "as ratios to plain PyTorch; per-phase times, memory, --ranks scaling"),

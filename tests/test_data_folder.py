@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_runner import run_cli
+
+from ipex_lars import cli
 from ipex_lars.data import TensorData, eval_batches, write_skipped
 from ipex_lars.data.folder import ImageFolderData, SkippedImage, folder_datasets, load_image
 from ipex_lars.train import checkpoint
 from ipex_lars.train.config import load_config
 from ipex_lars.train.engine import train
+
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory) -> Path:
@@ -78,7 +80,8 @@ def test_a_training_run_names_every_skipped_file_and_counts_val_skips(tmp_path, 
     with _deadline(120):  # the FIFOs must not hang the run
         result = train(_cfg(tmp_path, bad_root, global_batch=15, epochs=1, image_size=16))
     named = dict(line.split("\t", 1) for line in (tmp_path / "skipped.txt").read_text().splitlines())
-    assert str(bad_root / "train" / "cat" / "pipe.JPEG") in named and str(bad_root / "val" / "cat" / "pipe.jpg") in named
+    assert str(bad_root / "train" / "cat" / "pipe.JPEG") in named
+    assert str(bad_root / "val" / "cat" / "pipe.jpg") in named
     assert result["skipped_images"] >= 1
     records = (tmp_path / "metrics-rank0.jsonl").read_text().splitlines()
     assert '"val_skipped_images": 3' in records[-1]  # the FIFO, the truncated file and the oversized link
@@ -94,16 +97,28 @@ def test_resume_on_folder_data_is_exact_with_workers(tmp_path, image_root):
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda root: root / "missing", "does not exist"),
-    (lambda root: root.mkdir() or root, "train does not exist"),
-    (lambda root: (root / "train" / "a").mkdir(parents=True) or (root / "val").mkdir() or root, "no images"),
+    (lambda root: root / "missing", "--data-dir {root} does not exist; point it at a folder with train/ and val/"),
+    (lambda root: root.mkdir() or root, "data folder {root}/train does not exist; expected ROOT/train/CLASS/*.JPEG "
+                                        "and ROOT/val/CLASS/*.JPEG (ImageNet layout)"),
+    (lambda root: (root / "train" / "a").mkdir(parents=True) or (root / "val").mkdir() or root,
+     "class folder {root}/train/a has no images (.bmp, .jpeg, .jpg, .png, .webp); remove it or add images"),
 ])
-def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path, make, message):
+def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path, make, message, capsys):
     root = make(tmp_path / "data")
-    out = run_cli("train", "--data", "imagefolder", "--data-dir", str(root), "--out-dir", str(tmp_path / "run"),
-                  env={"OMP_NUM_THREADS": "1"})
+    code = cli.main(["train", "--data", "imagefolder", "--data-dir", str(root), "--out-dir", str(tmp_path / "run"),
+                     "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines()[-1] == "ipex-lars train: error: " + message.format(root=root), err
+    assert "Traceback" not in err
+
+
+def test_a_missing_data_folder_ends_the_installed_command_with_exit_2(tmp_path):
+    out = run_cli("train", "--data", "imagefolder", "--data-dir", str(tmp_path / "missing"),
+                  "--out-dir", str(tmp_path / "run"), env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 2, out.stderr
-    assert message in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == (f"ipex-lars train: error: --data-dir {tmp_path / 'missing'} does not exist; "
+                                           "point it at a folder with train/ and val/")
+    assert "Traceback" not in out.stderr
 
 
 @contextmanager

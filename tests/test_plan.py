@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
-
 from cli_runner import run_cli
+
+from ipex_lars import cli
 from ipex_lars.plan import calibrate
-from ipex_lars.plan.cost import (Network, PlanInputs, allreduce_cost, choose_allreduce, coefficients,
-                                 hiding_bandwidth, predict, scaling)
+from ipex_lars.plan.cost import (
+    Network,
+    PlanInputs,
+    allreduce_cost,
+    choose_allreduce,
+    coefficients,
+    hiding_bandwidth,
+    predict,
+    scaling,
+)
 from ipex_lars.plan.inputs import read_bench_throughput
-from ipex_lars.plan.presets import SCENARIOS, cores_x_base_ghz
+from ipex_lars.plan.presets import MODELS, SCENARIOS, cores_x_base_ghz
 
 GB = 1e9
 
@@ -154,6 +164,13 @@ def test_message_bytes_match_what_bench_comm_reduces():
     assert calibrate.message_bytes("1M") == 1 << 20
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_presets_are_the_real_models_parameter_counts(name):
+    from ipex_lars.models import parameter_sizes
+
+    assert MODELS[name].params == sum(parameter_sizes(name, num_classes=1000))
+
+
 def test_from_bench_takes_the_best_rate_of_the_chosen_model(tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"results": [
@@ -269,26 +286,41 @@ def test_nodes_list_prints_a_scaling_table_and_json(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--nodes", "0", "--throughput", "10", "--global-batch", "64", "--latency-us", "1", "--bandwidth-gbps", "10"],
-     "--nodes must be at least 1"),
+     "--nodes must be at least 1, got 0: give the node count, e.g. --nodes 16"),
     (["--nodes", "4", "--throughput", "10", "--global-batch", "64", "--latency-us", "1", "--bandwidth-gbps", "-5"],
-     "--bandwidth-gbps must be positive"),
+     "--bandwidth-gbps must be positive: give the link speed in Gbit/s, e.g. --bandwidth-gbps 100"),
     (["--nodes", "64", "--throughput", "10", "--global-batch", "32", "--latency-us", "1", "--bandwidth-gbps", "10"],
-     "global batch 32 is smaller than the 64 ranks"),
-    (["--scenario", "imagenet-in-1s"], "unknown scenario 'imagenet-in-1s'; choose one of paper-alexnet"),
-    (["--from-bench", "/no/such/bench.json", "--nodes", "2", "--global-batch", "64"], "cannot read benchmark file"),
-    (["--network", "NOTJSON", "--nodes", "2", "--throughput", "1", "--global-batch", "8"], "cannot read network file"),
-    (["--nodes", "4", "--throughput", "10", "--global-batch", "64"], "the network is unknown"),
+     "global batch 32 is smaller than the 64 ranks, so some rank gets no image: raise --global-batch or lower --nodes"),
+    (["--scenario", "imagenet-in-1s"],
+     "unknown scenario 'imagenet-in-1s'; choose one of paper-alexnet, paper-resnet50, mlperf-v3.0"),
+    (["--from-bench", "/no/such/bench.json", "--nodes", "2", "--global-batch", "64"],
+     "cannot read benchmark file /no/such/bench.json: No such file or directory; pass a file written by "
+     "`ipex-lars bench train` (its --out folder's results.json), or give --throughput IMG_S"),
+    (["--network", "NOTJSON", "--nodes", "2", "--throughput", "1", "--global-batch", "8"],
+     "cannot read network file NOTJSON: {json error}; pass a file written by `ipex-lars plan --calibrate --save "
+     "FILE.json`"),
+    (["--nodes", "4", "--throughput", "10", "--global-batch", "64"],
+     "the network is unknown: give --latency-us and --bandwidth-gbps, --network FILE.json (written by --calibrate "
+     "--save), or --scenario NAME"),
 ])
-def test_bad_input_exits_2_with_one_line_naming_the_problem(args, message, tmp_path):
-    if "NOTJSON" in args:
-        bad = tmp_path / "bad.json"
-        bad.write_text("{not json")
-        args = [str(bad) if a == "NOTJSON" else a for a in args]
-    out = run_cli("plan", *args)
-    assert out.returncode == 2
-    assert message in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in out.stdout + out.stderr
+def test_bad_input_exits_2_with_one_line_naming_the_problem(args, message, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    args = [str(bad) if a == "NOTJSON" else a for a in args]
+    assert cli.main(["plan", *args]) == 2
+    out, err = capsys.readouterr()
+    # the one varying part: the JSON parser's own words for what is wrong
+    expected = re.escape("ipex-lars plan: error: " + message.replace("NOTJSON", str(bad))).replace(
+        re.escape("{json error}"), "Expecting property name .*")
+    assert re.fullmatch(expected + "\n", err), err
+    assert out == ""
+
+
+def test_bad_input_ends_the_installed_command_with_exit_2():
+    out = run_cli("plan", "--scenario", "imagenet-in-1s")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == ("ipex-lars plan: error: unknown scenario 'imagenet-in-1s'; choose one of paper-alexnet, "
+                          "paper-resnet50, mlperf-v3.0\n")
 
 
 @pytest.mark.slow

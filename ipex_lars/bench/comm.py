@@ -2,9 +2,9 @@
 
 One run starts, for each world size and backend, a job of local rank processes
 (torchrun-style variables, one thread each). Every job sweeps allreduce over message
-sizes, then times a DDP step on a model with ResNet-50's gradient volume (25.6M fp32
-values in 161 tensors) whose forward and backward cost almost nothing, so the step
-time is the gradient allreduce DDP cannot hide. Rank 0 reports medians; the parent
+sizes, then times a DDP step on a model with ResNet-50's gradient volume (its parameter
+count, counted from the model, in as many fp32 tensors) whose forward and backward cost
+almost nothing, so the step time is the gradient allreduce DDP cannot hide. Rank 0 reports medians; the parent
 prints a table with gloo/oneccl ratios and the same figures as JSON.
 
 Bus bandwidth follows the NCCL convention: bytes x 2(n-1)/n / time.
@@ -15,32 +15,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
 import time
 
+from ipex_lars.bench.local_job import finish, start_ranks
+from ipex_lars.bench.options import one_of
 from launchers.argtypes import csv_of, float_range, int_range
-from launchers.identity import free_port
 
 BACKENDS = ("oneccl", "gloo")
 SIZES = ["1K", "4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M", "100M", "256M"]
-RESNET50_VALUES = 25_557_032
-RESNET50_TENSORS = 161
 TARGETS = {"allreduce 100M, 2 ranks": 2.5, "allreduce 1K, 2 ranks": 5.0, "DDP step, 2 ranks": 2.0}
 MAX_SIZE = 1 << 30  # each rank holds one tensor of the size
+JOB_TIMEOUT_S = 900  # one job of ranks, all sizes and the DDP steps
 
 
 def parse_size(size: str) -> int:
     """Bytes of a size written like 4K, 100M or 1G (powers of 1024), or a plain number."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(float(size[:-1]) * units[size[-1]]) if size[-1] in units else int(size)
-
-
-def backend_name(text: str) -> str:
-    """argparse type of one ``--backends`` item."""
-    if text not in BACKENDS:
-        raise argparse.ArgumentTypeError(f"unknown backend {text!r}")
-    return text
 
 
 def size_text(text: str) -> str:
@@ -55,7 +48,7 @@ def size_text(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backends", type=csv_of(backend_name, f"backends out of {', '.join(BACKENDS)}"),
+    parser.add_argument("--backends", type=csv_of(one_of(BACKENDS), f"backends out of {', '.join(BACKENDS)}"),
                         default=",".join(BACKENDS), help=f"comma-separated subset of {', '.join(BACKENDS)} "
                                                          f"(default: {','.join(BACKENDS)})")
     parser.add_argument("--worlds", type=csv_of(int_range(2, 256), "rank counts from 2 to 256"), default="2,4",
@@ -72,11 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- one rank
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
 def _time_allreduce(torch, dist, tensor, budget: float) -> float:
     start = time.perf_counter()
     for _ in range(2):
@@ -90,19 +78,19 @@ def _time_allreduce(torch, dist, tensor, budget: float) -> float:
         start = time.perf_counter()
         dist.all_reduce(tensor)
         times.append(time.perf_counter() - start)
-    return _median(times)
+    return statistics.median(times)
 
 
-def _time_ddp_step(torch, dist, steps: int) -> float:
+def _time_ddp_step(torch, dist, steps: int, values: int, tensors: int) -> float:
     from torch import nn
 
     class GradientVolume(nn.Module):
-        """ResNet-50's parameter count in as many tensors, with a forward that costs ~nothing."""
+        """``values`` parameters in ``tensors`` equal tensors, with a forward that costs ~nothing."""
 
         def __init__(self) -> None:
             super().__init__()
-            sizes = [RESNET50_VALUES // RESNET50_TENSORS] * RESNET50_TENSORS
-            sizes[-1] += RESNET50_VALUES - sum(sizes)
+            sizes = [values // tensors] * tensors
+            sizes[-1] += values - sum(sizes)
             self.params = nn.ParameterList(nn.Parameter(torch.zeros(n)) for n in sizes)
 
         def forward(self, x):
@@ -117,7 +105,7 @@ def _time_ddp_step(torch, dist, steps: int) -> float:
         model(x).backward()
         if i >= 2:
             times.append(time.perf_counter() - start)
-    return _median(times)
+    return statistics.median(times)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -125,6 +113,7 @@ def _worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     import ipex_lars.distributed as ild
+    from ipex_lars.models import parameter_sizes
 
     ild.init(backend=args.worker, timeout=120, verbose=False)
     torch.set_num_threads(1)
@@ -133,7 +122,9 @@ def _worker(args: argparse.Namespace) -> int:
         tensor = torch.ones(max(1, parse_size(label) // 4))
         result["allreduce_s"][label] = _time_allreduce(torch, dist, tensor, args.seconds)
         del tensor
-    result["ddp_step_s"] = _time_ddp_step(torch, dist, args.ddp_steps)
+    resnet50 = parameter_sizes("resnet50")
+    result["ddp_values"], result["ddp_tensors"] = sum(resnet50), len(resnet50)
+    result["ddp_step_s"] = _time_ddp_step(torch, dist, args.ddp_steps, sum(resnet50), len(resnet50))
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
     dist.destroy_process_group()
@@ -144,26 +135,15 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _job(backend: str, world: int, args: argparse.Namespace) -> dict:
-    port = str(free_port())
     argv = [sys.executable, "-m", "ipex_lars.bench.comm", "--worker", backend, "--sizes", ",".join(args.sizes),
             "--seconds", str(args.seconds), "--ddp-steps", str(args.ddp_steps)]
-    procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE")}
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    try:
-        outputs = [p.communicate(timeout=900) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        raise RuntimeError(f"{backend} with {world} ranks did not finish within 900 s") from None
-    if any(p.returncode for p in procs):
-        details = "\n".join(f"rank {r}: rc={p.returncode}\n{err[-2000:]}" for r, (p, (_, err))
-                            in enumerate(zip(procs, outputs)))
+    ranks = finish(start_ranks(argv, world, env={**os.environ, "OMP_NUM_THREADS": "1"}), timeout=JOB_TIMEOUT_S)
+    if any(r.rc is None for r in ranks):
+        raise RuntimeError(f"{backend} with {world} ranks did not finish within {JOB_TIMEOUT_S} s")
+    if any(r.rc for r in ranks):
+        details = "\n".join(f"rank {i}: rc={r.rc}\n{r.err[-2000:]}" for i, r in enumerate(ranks))
         raise RuntimeError(f"{backend} with {world} ranks failed:\n{details}")
-    line = next(x for x in outputs[0][0].splitlines() if x.startswith("RESULT "))
+    line = next(x for x in ranks[0].out.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
@@ -188,7 +168,8 @@ def _report(results: dict, backends: list[str], worlds: list[int], sizes: list[s
             print(row)
     print()
     for world in worlds:
-        row = f"DDP step, 25.6M fp32 grads, {world} ranks: " + ", ".join(
+        values = results[backends[0]][str(world)]["ddp_values"]
+        row = f"DDP step, {values / 1e6:.1f}M fp32 grads, {world} ranks: " + ", ".join(
             f"{b} {results[b][str(world)]['ddp_step_s'] * 1e3:.1f} ms" for b in backends)
         if compare:
             ratio = results[base][str(world)]["ddp_step_s"] / results[fast][str(world)]["ddp_step_s"]

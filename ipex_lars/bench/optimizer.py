@@ -14,10 +14,13 @@ import math
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+
+from ipex_lars.bench.options import one_of
+from launchers.argtypes import csv_of, int_range
 
 PARAM_SETS = {
-    "resnet50": "ResNet-50's parameters (161 tensors, 25,557,032 fp32 values)",
+    "resnet50": "ResNet-50's parameters: torchvision's resnet50 tensor by tensor, in fp32",
     "many-small": "overhead-bound: 2,000 tensors of 512 values",
 }
 IMPLS = ("fused", "foreach", "reference")
@@ -28,13 +31,17 @@ BYTES_PER_ELEMENT = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sets", default=",".join(PARAM_SETS),
+    parser.add_argument("--sets", type=csv_of(one_of(PARAM_SETS), f"parameter sets out of {', '.join(PARAM_SETS)}"),
+                        default=",".join(PARAM_SETS),
                         help=f"comma-separated parameter sets: {', '.join(PARAM_SETS)} (default: all)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed steps per candidate (default: 30)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per candidate first (default: 3)")
+    parser.add_argument("--repeats", type=int_range(1, 10000), default=30,
+                        help="timed steps per candidate, 1-10000 (default: 30)")
+    parser.add_argument("--warmup", type=int_range(0, 10000), default=3,
+                        help="untimed steps per candidate first, 0-10000 (default: 3)")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow per-parameter reference")
     parser.add_argument("--no-compile", action="store_true",
-                        help="skip the torch.compile'd foreach LARS (its compile takes minutes on many tensors)")
+                        help="skip the torch.compile'd foreach LARS (its compile time grows with the tensor count; "
+                             "see docs/BENCHMARKS.md)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 
@@ -72,7 +79,7 @@ def _candidates(shapes: list[tuple[int, ...]], impls: list[str], compiled: bool)
         steps["compiled-foreach"] = _compiled_foreach(shapes, hyper)
     elif compiled:
         print(f"[bench optimizer] compiled-foreach skipped for {len(shapes)} tensors: torch.compile's time grows "
-              f"with the tensor count (minutes at {MAX_COMPILED_TENSORS}); see docs/BENCHMARKS.md", file=sys.stderr)
+              f"with the tensor count (limit {MAX_COMPILED_TENSORS}); see docs/BENCHMARKS.md", file=sys.stderr)
     ipex_step = _ipex_candidate(shapes, hyper)
     if ipex_step is not None:
         steps["ipex"] = ipex_step
@@ -168,17 +175,9 @@ def _print_table(result: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
-    unknown = [s for s in sets if s not in PARAM_SETS]
-    if unknown:
-        print(f"ipex-lars bench optimizer: unknown set(s) {', '.join(unknown)}; choose from {', '.join(PARAM_SETS)}")
-        return 2
-    if args.repeats < 1 or args.warmup < 0:
-        print("ipex-lars bench optimizer: --repeats must be >= 1 and --warmup >= 0")
-        return 2
     impls = [i for i in IMPLS if not (args.no_reference and i == "reference")]
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "results": []}
-    for set_name in sets:
+    for set_name in args.sets:
         result = measure(set_name, args.repeats, args.warmup, impls, compiled=not args.no_compile)
         _print_table(result)
         report["results"].append(result)

@@ -29,9 +29,12 @@ import signal
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Collection
 from pathlib import Path
 
+from ipex_lars.bench.options import one_of
 from ipex_lars.bench.train_worker import MODEL_INPUTS, RESULT_TAG
+from launchers.argtypes import csv_of, float_range, int_range
 
 BASELINE = {"precision": "fp32", "layout": "nchw", "backend": "native", "optimizer": "sgd"}
 AXES = {"precision": ("fp32", "bf16"), "layout": ("nchw", "channels_last"),
@@ -40,38 +43,35 @@ ROOT = Path(__file__).resolve().parents[2]
 TAIL_LINES = 10  # of a failed child's stderr, shown with its failure
 
 
-def _csv(kind, choices=None):
-    def parse(text: str) -> list:
-        items = [kind(x) for x in text.split(",") if x]
-        bad = [x for x in items if choices and x not in choices]
-        if not items or bad:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(map(str, choices))}"
-                                             if choices else "expected a comma-separated list")
-        return items
-    return parse
+def _names(choices: Collection[str], what: str) -> Callable[[str], list]:
+    """Type of a comma-separated subset of ``choices``."""
+    return csv_of(one_of(choices), f"{what} out of {', '.join(choices)}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", type=_csv(str, MODEL_INPUTS), default=["resnet50"],
+    parser.add_argument("--models", type=_names(MODEL_INPUTS, "models"), default=["resnet50"],
                         help="comma-separated: resnet50, alexnet_bn, digits_cnn (default: resnet50)")
-    parser.add_argument("--batches", type=_csv(int), default=[32], help="per-rank batch sizes (default: 32)")
+    parser.add_argument("--batches", type=csv_of(int_range(1, 65536), "per-rank batch sizes from 1 to 65536"),
+                        default=[32], help="per-rank batch sizes, each 1-65536 (default: 32)")
     for axis, choices in AXES.items():
-        parser.add_argument(f"--{axis}s", type=_csv(str, choices), default=list(choices),
+        parser.add_argument(f"--{axis}s", type=_names(choices, f"{axis}s"), default=list(choices),
                             help=f"comma-separated subset of {', '.join(choices)} (default: all"
                                  f"{'; ipex only where installed' if axis == 'backend' else ''})")
     parser.add_argument("--image-size", type=int, default=0,
                         help="input side (default: 224 for resnet50/alexnet_bn, 8 for digits_cnn)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default 5)")
-    parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed steps first, for allocation, prepacking and compilation (default 2)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds over all configurations; each figure is the median round's (the lower "
+    parser.add_argument("--steps", type=int_range(1, 10000), default=5,
+                        help="timed steps per configuration, 1-10000 (default 5)")
+    parser.add_argument("--warmup", type=int_range(0, 10000), default=2,
+                        help="untimed steps first, for allocation, prepacking and compilation, 0-10000 (default 2)")
+    parser.add_argument("--repeat", type=int_range(1, 100), default=1,
+                        help="rounds over all configurations, 1-100; each figure is the median round's (the lower "
                              "middle one for an even count) (default 1)")
-    parser.add_argument("--stacks", type=_csv(str, ("ipex", "native")),
+    parser.add_argument("--stacks", type=_names(("ipex", "native"), "stacks"),
                         help="run on these project stacks (.venv-STACK), alternating; default: this Python")
-    parser.add_argument("--ranks", type=int, default=1,
-                        help="also run every configuration as this many ranks via lars-run (default 1: no)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration run")
+    parser.add_argument("--ranks", type=int_range(1, 256), default=1,
+                        help="also run every configuration as this many ranks via lars-run, 1-256 (default 1: no)")
+    parser.add_argument("--timeout", type=float_range(0, 86400, above=True), default=1800,
+                        help="seconds allowed per configuration run, above 0 and up to 86400 (default 1800)")
     parser.add_argument("--out", default="runs/bench-train",
                         help="folder for results.json and chart.png (default runs/bench-train)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one configuration
@@ -179,9 +179,6 @@ def run(args: argparse.Namespace) -> int:
     from ipex_lars.bench.train_report import report
 
     try:
-        if min(args.steps, args.repeat, args.ranks, *args.batches) < 1 or args.warmup < 0 or not args.timeout > 0:
-            raise ValueError("--steps, --repeat, --ranks and --batches must be >= 1, --warmup >= 0 "
-                             "and --timeout > 0")
         stacks = args.stacks or [None]
         pythons = {stack: _python(stack) for stack in stacks}
     except ValueError as exc:

@@ -1,5 +1,5 @@
 """Models by name: ``create_model("resnet50" | "alexnet_bn" | "alexnet_bn_caffe" | "digits_cnn", num_classes,
-in_channels)``."""
+in_channels)``, and the sizes of their parameter tensors (``parameter_sizes``)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,18 @@ def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     return MODELS[name](num_classes, in_channels)
+
+
+def parameter_sizes(name: str, num_classes: int = 1000, in_channels: int = 3) -> list[int]:
+    """Element counts of the named model's parameter tensors, in order.
+
+    The model is built on the meta device: shapes only, no memory and no initialisation, so
+    counting ResNet-50 costs next to nothing.
+    """
+    import torch
+
+    if name == "resnet50":
+        import torchvision  # noqa: F401  imported first: its import fails under a device context
+    with torch.device("meta"):
+        model = create_model(name, num_classes, in_channels)
+    return [p.numel() for p in model.parameters()]

@@ -1,7 +1,8 @@
 """A small CNN for 8x8 digit images: the model of the embedded ``digits`` recipe.
 
 Big enough to show the large-batch effect (conv, BN, linear layers like the real
-networks), small enough to train to over 95% held-out accuracy in a minute on 2 cores.
+networks), small enough that the whole recipe trains on a small CPU (docs/BENCHMARKS.md
+has its measured accuracy and time).
 """
 
 from __future__ import annotations

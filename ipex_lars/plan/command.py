@@ -20,8 +20,16 @@ from ipex_lars.plan import calibrate
 from ipex_lars.plan.cost import DEFAULT_OVERLAP, PlanError, PlanInputs, hiding_bandwidth, predict, scaling
 from ipex_lars.plan.inputs import resolve
 from ipex_lars.plan.presets import MODELS, SCENARIOS
-from ipex_lars.plan.report import (check_table, explain, outcome_line, percent_off, prediction_dict,
-                                   scaling_table, sources_block, sources_dict)
+from ipex_lars.plan.report import (
+    check_table,
+    explain,
+    outcome_line,
+    percent_off,
+    prediction_dict,
+    scaling_table,
+    sources_block,
+    sources_dict,
+)
 
 PROG = "ipex-lars plan"
 

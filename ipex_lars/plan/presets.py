@@ -26,12 +26,15 @@ class ModelPreset:
     source: str
 
 
+# Parameter counts at 1000 classes, written out because the planner runs without torch;
+# tests/test_plan.py counts the real models (ipex_lars.models) and checks these equal them.
+RESNET50_PARAMS = 25_557_032
+ALEXNET_BN_PARAMS = 62_396_104
+
 MODELS = {
-    "resnet50": ModelPreset(25_557_032, "torchvision.models.resnet50(), 1000 classes: sum of parameter sizes "
-                                        "(counted with torch 2.8; ipex_lars/bench/comm.py uses the same figure)"),
-    "alexnet_bn": ModelPreset(62_396_104, "ipex_lars/models/alexnet_bn.py, 1000 classes: sum of parameter sizes "
-                                          "(counted once with torch 2.8; torchvision's AlexNet without BN has "
-                                          "61,100,840)"),
+    "resnet50": ModelPreset(RESNET50_PARAMS, "torchvision.models.resnet50(), 1000 classes: sum of parameter sizes"),
+    "alexnet_bn": ModelPreset(ALEXNET_BN_PARAMS, "ipex_lars/models/alexnet_bn.py, 1000 classes: sum of parameter "
+                                                 "sizes (torchvision's AlexNet without BN has 61,100,840)"),
 }
 
 
@@ -121,41 +124,40 @@ _MLPERF_MISSING = ("searched for a single-node (or other-size) ResNet-50 trainin
                    "PyTorch/IPEX bf16: MLPerf v2.1 and v3.0 have Intel ResNet-50 only on 16 nodes, and the IPEX "
                    "performance pages found give inference speed-ups, not training img/s (docs/PLAN.md)")
 
+
+def _paper_scenario(title: str, model: str, nodes: int, cpus: str, per_node: str, epochs: int, minutes: int,
+                    independent: Input) -> Scenario:
+    """One of the paper's two record runs: both share its batch, network, precision and placement."""
+    return Scenario(
+        title=title,
+        model=model,
+        nodes=Input(nodes, f"{_PAPER_ABSTRACT}: {cpus}; {_STAMPEDE2}: {per_node}"),
+        ranks_per_node=_ONE_RANK,
+        node_throughput=_circular_throughput(epochs, minutes, nodes, f"the published {minutes} min"),
+        global_batch=_PAPER_BATCH,
+        epochs=Input(epochs, _PAPER_ABSTRACT),
+        latency_us=_OPA_LATENCY,
+        bandwidth_gbps=_OPA_LINK,
+        bytes_per_param=_FP32_GRADS,
+        algorithm=_AUTO,
+        published_minutes=Input(minutes, _PAPER_ABSTRACT),
+        independent_throughput=independent,
+    )
+
+
 _MLPERF = "MLPerf Training v3.0, Intel closed division (mlcommons/training_results_v3.0 Intel/"
 _MLPERF_RUN = _MLPERF + "benchmarks/resnet/implementations/pytorch-cpu/run_benchmark.sh)"
 _MLPERF_TRAIN = _MLPERF + "benchmarks/resnet/implementations/pytorch-cpu/train.py)"
 
 SCENARIOS: dict[str, Scenario] = {
-    "paper-alexnet": Scenario(
+    "paper-alexnet": _paper_scenario(
         title="AlexNet-BN, 100 epochs in 11 min on 2,048 Xeon Platinum 8160 (1,024 Stampede2 SKX nodes)",
-        model="alexnet_bn",
-        nodes=Input(1024, _PAPER_ABSTRACT + ": 2,048 Xeon Platinum 8160; " + _STAMPEDE2 + ": 2 per SKX node"),
-        ranks_per_node=_ONE_RANK,
-        node_throughput=_circular_throughput(100, 11, 1024, "the published 11 min"),
-        global_batch=_PAPER_BATCH,
-        epochs=Input(100, _PAPER_ABSTRACT),
-        latency_us=_OPA_LATENCY,
-        bandwidth_gbps=_OPA_LINK,
-        bytes_per_param=_FP32_GRADS,
-        algorithm=_AUTO,
-        published_minutes=Input(11, _PAPER_ABSTRACT),
-        independent_throughput=_ALEXNET_INDEPENDENT,
-    ),
-    "paper-resnet50": Scenario(
+        model="alexnet_bn", nodes=1024, cpus="2,048 Xeon Platinum 8160", per_node="2 per SKX node", epochs=100,
+        minutes=11, independent=_ALEXNET_INDEPENDENT),
+    "paper-resnet50": _paper_scenario(
         title="ResNet-50, 90 epochs in 20 min on 2,048 Xeon Phi 7250 (2,048 Stampede2 KNL nodes)",
-        model="resnet50",
-        nodes=Input(2048, _PAPER_ABSTRACT + ": 2,048 Xeon Phi 7250; " + _STAMPEDE2 + ": 1 per KNL node"),
-        ranks_per_node=_ONE_RANK,
-        node_throughput=_circular_throughput(90, 20, 2048, "the published 20 min"),
-        global_batch=_PAPER_BATCH,
-        epochs=Input(90, _PAPER_ABSTRACT),
-        latency_us=_OPA_LATENCY,
-        bandwidth_gbps=_OPA_LINK,
-        bytes_per_param=_FP32_GRADS,
-        algorithm=_AUTO,
-        published_minutes=Input(20, _PAPER_ABSTRACT),
-        independent_throughput=_RESNET50_KNL_INDEPENDENT,
-    ),
+        model="resnet50", nodes=2048, cpus="2,048 Xeon Phi 7250", per_node="1 per KNL node", epochs=90,
+        minutes=20, independent=_RESNET50_KNL_INDEPENDENT),
     "mlperf-v3.0": Scenario(
         title="ResNet-50 to 75.9%, MLPerf v3.0: 16 nodes x 2 Xeon Platinum 8480+ in 88 min",
         model="resnet50",
