@@ -9,8 +9,8 @@ for a machine described by data.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 class CpuListError(ValueError):

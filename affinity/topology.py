@@ -56,7 +56,7 @@ class Topology:
     source: str = "unknown"
     notes: list[str] = field(default_factory=list)
 
-    def restricted(self, allowed: set[int]) -> "Topology":
+    def restricted(self, allowed: set[int]) -> Topology:
         """The same machine seen through an allowed-CPU set (scheduler mask / cgroup cpuset)."""
         return Topology([c for c in self.cpus if c.cpu in allowed], self.source, list(self.notes))
 

@@ -21,9 +21,9 @@ from affinity.machine import Machine, MachineError, load_machine, this_machine
 from affinity.plan import NodePlan, PlanError, PlanRequest, make_plan, place_memory
 from affinity.topology import Topology, TopologyError, load_topology
 from launchers import hostlist, identity, local, mpi, slurm, torchrun_env
-from launchers.argtypes import OneLineParser, float_range, int_range
-from launchers.hostfile import HostfileError, read_hostfile
+from launchers.argtypes import OneLineParser, int_range
 from launchers.guard import GRACE
+from launchers.hostfile import HostfileError, read_hostfile
 from launchers.job import Job, LaunchError
 from launchers.rank_spec import RankSpec
 from launchers.supervise import DEFAULT_GRACE_S

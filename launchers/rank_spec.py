@@ -35,7 +35,7 @@ class RankSpec:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> "RankSpec":
+    def from_json(cls, text: str) -> RankSpec:
         raw = json.loads(text)
         req = dict(raw["request"])
         if req.get("nodes_list") is not None:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from affinity.cpuset import (CpuListError, allowed_cpus, cgroup_cpuset, format_cpulist, hex_mask,
-                             parse_cpulist)
+from affinity.cpuset import CpuListError, allowed_cpus, cgroup_cpuset, format_cpulist, hex_mask, parse_cpulist
 from affinity.env import EnvError, find_library, merge_preload, rank_env, resolve
 from affinity.machine import load_machine
 from affinity.plan import PlanError, PlanRequest, make_plan, place_memory

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-
 import simcluster
 import simslurm
+import torch
 from dist_workers import harness
 from dist_workers.harness import oneccl_built  # noqa: F401  (session fixture)
 

@@ -11,8 +11,16 @@ import pytest
 import torch.distributed as dist
 
 from ipex_lars.distributed import liveness, rendezvous
-from ipex_lars.distributed.env import (Launch, LaunchError, agent_store_prefix, apply_defaults, ccl_defaults,
-                                       detect, first_slurm_host, job_id)
+from ipex_lars.distributed.env import (
+    Launch,
+    LaunchError,
+    agent_store_prefix,
+    apply_defaults,
+    ccl_defaults,
+    detect,
+    first_slurm_host,
+    job_id,
+)
 from ipex_lars.distributed.rendezvous import RendezvousError
 from launchers.identity import free_port
 

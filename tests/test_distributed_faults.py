@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from dist_workers import harness
 from dist_workers.harness import oneccl_built  # noqa: F401  (session fixture)
 

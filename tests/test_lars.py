@@ -314,7 +314,7 @@ def test_any_lr_scheduler_drives_every_impl(impl):
     for which in ("reference", impl):
         model, opt = _make(which, True)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.1)
-        for i, (x, y) in enumerate(data):
+        for x, y in data:
             opt.zero_grad()
             nn.functional.cross_entropy(model(x, use_aux=False), y).backward()
             opt.step()

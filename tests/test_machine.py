@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 
 from affinity.machine import MachineError, load_machine, parse_cpuinfo, read_memory_nodes, this_machine
 from ipex_lars import cli, ext
 from ipex_lars.train.config import TrainConfig
 from ipex_lars.train.precision import choose
-from cli_runner import run_cli
 
 MACHINES = Path(__file__).parent / "data" / "machines"
 

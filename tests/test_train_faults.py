@@ -20,9 +20,9 @@ import torch
 
 from ipex_lars import cli
 from ipex_lars.train import checkpoint
+from ipex_lars.train.checkpoint import SaveError
 from ipex_lars.train.config import TrainConfig, field_type, load_config
 from ipex_lars.train.engine import train
-from ipex_lars.train.checkpoint import SaveError
 from ipex_lars.train.metrics import CSV_COLUMNS, MetricsLog
 
 RUN = ("--recipe", "digits", "--threads", "1", "--epochs", "4", "--checkpoint-every", "1", "--no-progress")
@@ -153,7 +153,7 @@ class _FullFile:
     def __getattr__(self, name):
         return getattr(self.file, name)
 
-    def __enter__(self) -> "_FullFile":
+    def __enter__(self) -> _FullFile:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import stat
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO, Iterable, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import torch
 

@@ -19,7 +19,6 @@ It writes docs/large_batch.md, .json and .png files.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys

@@ -6,7 +6,7 @@ excluded from the trust-ratio adaptation and from weight decay.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
