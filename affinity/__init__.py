@@ -5,9 +5,9 @@ pin before any OpenMP runtime starts.
 """
 
 from affinity.cpuset import allowed_cpus, format_cpulist, hex_mask, parse_cpulist
-from affinity.plan import NodePlan, PlanError, PlanRequest, RankPlan, make_plan, place_memory
+from affinity.plan import NodePlan, PlacementError, PlanRequest, RankPlan, make_plan, place_memory
 from affinity.topology import Topology, TopologyError, discover, load_topology, parse_lscpu
 
-__all__ = ["allowed_cpus", "format_cpulist", "hex_mask", "parse_cpulist", "NodePlan", "PlanError",
+__all__ = ["allowed_cpus", "format_cpulist", "hex_mask", "parse_cpulist", "NodePlan", "PlacementError",
            "PlanRequest", "RankPlan", "make_plan", "place_memory", "Topology", "TopologyError", "discover",
            "load_topology", "parse_lscpu"]

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # only for hints: `python -m affinity.machine` must not find 
     from affinity.machine import Machine
 
 
-class PlanError(ValueError):
+class PlacementError(ValueError):
     """The request cannot be satisfied on this topology; the message says how to fix it."""
 
 
@@ -89,10 +89,10 @@ def _select_nodes(topo: Topology, full: Topology, nodes_list: tuple[int, ...] | 
         return topo.nodes
     for n in nodes_list:
         if n not in full.nodes:
-            raise PlanError(f"NUMA node {n} in --nodes-list does not exist (nodes: "
+            raise PlacementError(f"NUMA node {n} in --nodes-list does not exist (nodes: "
                             f"{format_cpulist(full.nodes)}); fix --nodes-list")
         if n not in topo.nodes:
-            raise PlanError(f"NUMA node {n} in --nodes-list has no CPU this process may use "
+            raise PlacementError(f"NUMA node {n} in --nodes-list has no CPU this process may use "
                             f"(allowed: {format_cpulist(topo.cpu_ids)}); pick another node")
     return sorted(set(nodes_list))
 
@@ -119,10 +119,10 @@ def _spread(capacity: list[int], n: int) -> list[int]:
 
 
 def make_plan(full: Topology, allowed: set[int], req: PlanRequest) -> NodePlan:
-    """Plan ``req`` on ``full`` restricted to ``allowed``. Raises PlanError with the fix."""
+    """Plan ``req`` on ``full`` restricted to ``allowed``. Raises PlacementError with the fix."""
     topo = full.restricted(allowed)
     if not topo.cpus:
-        raise PlanError(f"none of the allowed CPUs ({format_cpulist(allowed) or 'none'}) is in the "
+        raise PlacementError(f"none of the allowed CPUs ({format_cpulist(allowed) or 'none'}) is in the "
                         f"topology (CPUs {format_cpulist(full.cpu_ids)}); check --allowed-cpus/--topology")
     notes = list(topo.notes)
     nodes = _select_nodes(topo, full, req.nodes_list)
@@ -133,7 +133,7 @@ def make_plan(full: Topology, allowed: set[int], req: PlanRequest) -> NodePlan:
 
     k = req.ccl_worker_count
     if k < 0:
-        raise PlanError("--ccl-worker-count must be >= 0")
+        raise PlacementError("--ccl-worker-count must be >= 0")
     on_siblings = k > 0 and req.logical_cores_for_ccl and not req.use_logical_cores
     if on_siblings and not all(sibling_of.values()):
         on_siblings = False
@@ -152,9 +152,9 @@ def make_plan(full: Topology, allowed: set[int], req: PlanRequest) -> NodePlan:
     if n is None:
         n = max(1, total // (ncores + dedicated)) if req.mode == "latency" and ncores else len(nodes)
     if n < 1 or (ncores is not None and ncores < 1):
-        raise PlanError("--ninstances and --ncores-per-instance must be >= 1")
+        raise PlacementError("--ninstances and --ncores-per-instance must be >= 1")
     if n > total:
-        raise PlanError(f"{n} instances need at least {n} cores but only {total} allowed "
+        raise PlacementError(f"{n} instances need at least {n} cores but only {total} allowed "
                         f"{'CPUs' if req.use_logical_cores else 'physical cores'} are on NUMA node(s) "
                         f"{format_cpulist(nodes)} ({format_cpulist(u for v in units.values() for u in v)}); "
                         "lower --ninstances")
@@ -168,7 +168,7 @@ def make_plan(full: Topology, allowed: set[int], req: PlanRequest) -> NodePlan:
     else:
         chunk = ncores + dedicated
     if n * chunk > total:
-        raise PlanError(f"{n} instances x {chunk} cores need {n * chunk} cores but only {total} are "
+        raise PlacementError(f"{n} instances x {chunk} cores need {n * chunk} cores but only {total} are "
                         f"allowed on NUMA node(s) {format_cpulist(nodes)}; lower --ninstances or "
                         "--ncores-per-instance (or --ccl-worker-count)")
 
@@ -218,24 +218,24 @@ def place_memory(plan: NodePlan, request: str, machine: Machine | None) -> None:
 
     ``ddr`` keeps the binding to the rank's own CPU nodes. ``hbm`` prefers the CPU-less node
     (HBM or MCDRAM in flat mode) nearest to the rank's main node; a node number prefers that
-    node. Preferred memory spills to other nodes when full instead of failing. Raises PlanError.
+    node. Preferred memory spills to other nodes when full instead of failing. Raises PlacementError.
     """
     if request == "ddr":
         return
     if machine is None:
-        raise PlanError(f"--memory-node {request} needs the machine's memory nodes, which an lscpu file does "
+        raise PlacementError(f"--memory-node {request} needs the machine's memory nodes, which an lscpu file does "
                         "not list; plan with --machine DIR (`python -m affinity.machine --save DIR` on the target)")
     if request == "hbm":
         hbm = machine.memory_only_nodes()
         if not hbm:
             why = ("every NUMA node has CPUs (is the memory in cache mode?)" if machine.memory_nodes
                    else "no NUMA memory nodes are visible")
-            raise PlanError(f"--memory-node hbm: no HBM/MCDRAM node on {machine.source}: {why}; "
+            raise PlacementError(f"--memory-node hbm: no HBM/MCDRAM node on {machine.source}: {why}; "
                             "drop --memory-node or use ddr")
         targets = [machine.nearest_memory_only(r.numa_node) for r in plan.ranks]
         lost = sorted({r.numa_node for r, t in zip(plan.ranks, targets) if t is None})
         if lost:
-            raise PlanError(f"--memory-node hbm: CPU node(s) {format_cpulist(lost)} missing from the NUMA node "
+            raise PlacementError(f"--memory-node hbm: CPU node(s) {format_cpulist(lost)} missing from the NUMA node "
                             f"list of {machine.source}; re-save the machine description")
         for m in hbm:
             sharing = targets.count(m.node)
@@ -246,7 +246,7 @@ def place_memory(plan: NodePlan, request: str, machine: Machine | None) -> None:
         node = int(request)
         usable = [m.node for m in machine.memory_nodes if m.mem_kb > 0]
         if node not in usable:
-            raise PlanError(f"--memory-node {node}: no NUMA node {node} with memory on {machine.source} (nodes: "
+            raise PlacementError(f"--memory-node {node}: no NUMA node {node} with memory on {machine.source} (nodes: "
                             f"{format_cpulist(usable) or 'none'}); pick one of them, hbm or ddr")
         targets = [node] * len(plan.ranks)
     plan.ranks = [replace(r, memory_nodes=(t,), memory_policy="preferred") for r, t in zip(plan.ranks, targets)]

@@ -16,9 +16,9 @@ import tempfile
 from dataclasses import replace
 
 from affinity.cpuset import CpuListError, allowed_cpus, format_cpulist, parse_cpulist
-from affinity.env import EnvError, resolve
+from affinity.rank_env import EnvError, resolve
 from affinity.machine import Machine, MachineError, load_machine, this_machine
-from affinity.plan import NodePlan, PlanError, PlanRequest, make_plan, place_memory
+from affinity.plan import NodePlan, PlacementError, PlanRequest, make_plan, place_memory
 from affinity.topology import Topology, TopologyError, load_topology
 from launchers import hostlist, identity, local, mpi, slurm, torchrun_env
 from launchers.argtypes import OneLineParser, int_range
@@ -30,7 +30,7 @@ from launchers.supervise import DEFAULT_GRACE_S
 
 IFACE_ENV = "IPEX_LARS_IFACE"  # read by ipex_lars.distributed.interface in every rank
 LAUNCHERS = ("local", "mpi", "slurm", "torchrun-env")
-USAGE_ERRORS = (PlanError, TopologyError, MachineError, HostfileError, EnvError, LaunchError, CpuListError)
+USAGE_ERRORS = (PlacementError, TopologyError, MachineError, HostfileError, EnvError, LaunchError, CpuListError)
 MAX_CPUS = 8192  # Linux's limit (CONFIG_NR_CPUS with MAXSMP)
 PER_NODE = int_range(1, MAX_CPUS)
 

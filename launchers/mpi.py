@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from affinity.env import EnvChoice, merge_preload, rank_env
+from affinity.rank_env import EnvChoice, merge_preload, rank_env
 from affinity.plan import NodePlan
 from launchers import guard
 from launchers.job import Job, LaunchError, RankLaunch, make_log_dir

@@ -35,7 +35,7 @@ def _fail(message: str) -> int:
 
 def from_spec(local: int, argv: list[str]) -> tuple[dict[str, str], list[str]] | str:
     """(variables, argv) for local rank ``local`` planned on this node, or why it cannot be."""
-    from affinity.env import merge_preload, rank_env
+    from affinity.rank_env import merge_preload, rank_env
     from launchers.cli import USAGE_ERRORS
     from launchers.local import memory_options
 

@@ -13,9 +13,9 @@ import json
 from dataclasses import asdict, dataclass
 
 from affinity.cpuset import allowed_cpus, format_cpulist, parse_cpulist
-from affinity.env import EnvChoice, resolve
+from affinity.rank_env import EnvChoice, resolve
 from affinity.machine import this_machine
-from affinity.plan import NodePlan, PlanError, PlanRequest, make_plan, place_memory
+from affinity.plan import NodePlan, PlacementError, PlanRequest, make_plan, place_memory
 
 SPEC_VAR = "LARS_RANK_PLAN"
 
@@ -45,13 +45,13 @@ class RankSpec:
 
 
 def plan_here(spec: RankSpec) -> tuple[NodePlan, EnvChoice]:
-    """This node's plan and runtime libraries for ``spec``; raises PlanError/EnvError/... naming the problem."""
+    """This node's plan and runtime libraries for ``spec``; raises PlacementError/EnvError/... naming the problem."""
     machine = this_machine()
     allowed = allowed_cpus()
     if spec.allowed is not None:
         wanted = parse_cpulist(spec.allowed)
         if not wanted <= allowed:
-            raise PlanError(f"--allowed-cpus {spec.allowed} includes CPUs this node may not use (allowed here: "
+            raise PlacementError(f"--allowed-cpus {spec.allowed} includes CPUs this node may not use (allowed here: "
                             f"{format_cpulist(allowed)})")
         allowed = wanted
     plan = make_plan(machine.topology, allowed, spec.request)

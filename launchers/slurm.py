@@ -13,7 +13,7 @@ import shlex
 import sys
 
 from affinity.cpuset import hex_mask
-from affinity.env import EnvChoice, merge_preload, rank_env
+from affinity.rank_env import EnvChoice, merge_preload, rank_env
 from affinity.plan import NodePlan
 from launchers import guard
 from launchers.job import Job, RankLaunch

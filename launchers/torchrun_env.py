@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from affinity.env import EnvChoice, rank_env
+from affinity.rank_env import EnvChoice, rank_env
 from affinity.plan import NodePlan
 from launchers.job import Job, RankLaunch
 from launchers.local import bind_prefix

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from affinity.cpuset import CpuListError, allowed_cpus, cgroup_cpuset, format_cpulist, hex_mask, parse_cpulist
-from affinity.env import EnvError, find_library, merge_preload, rank_env, resolve
+from affinity.rank_env import EnvError, find_library, merge_preload, rank_env, resolve
 from affinity.machine import load_machine
-from affinity.plan import PlanError, PlanRequest, make_plan, place_memory
+from affinity.plan import PlacementError, PlanRequest, make_plan, place_memory
 from affinity.topology import TopologyError, from_lscpu, from_sysfs, load_topology, parse_lscpu
 
 TOPOS = Path(__file__).parent / "data" / "topologies"
@@ -34,7 +34,7 @@ def plan(name: str, allowed: set[int] | None = None, **kw):
 
 
 def test_importing_affinity_and_launcher_does_not_import_torch():
-    code = ("import sys, affinity, affinity.env, affinity.plan, affinity.topology, launchers.cli; "
+    code = ("import sys, affinity, affinity.rank_env, affinity.plan, affinity.topology, launchers.cli; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -140,7 +140,7 @@ def test_plan_invariants(name, req, restricted):
     allowed = {c for c in t.cpu_ids if c % 3 != 1} if restricted else t.cpu_ids  # a ragged cpuset
     try:
         p = make_plan(t, allowed, PlanRequest(**req))
-    except PlanError as exc:
+    except PlacementError as exc:
         assert "lower --ninstances" in str(exc)
         return
     node_of = {c.cpu: c.node for c in t.cpus}
@@ -230,12 +230,12 @@ def test_rank_spanning_nodes_is_explained():
     ({"ninstances": 2, "ncores_per_instance": 5}, "lower --ninstances or --ncores-per-instance"),
     ({"ninstances": 0}, ">= 1")])
 def test_impossible_requests_name_the_fix(kw, match):
-    with pytest.raises(PlanError, match=match):
+    with pytest.raises(PlacementError, match=match):
         plan("2s4c_noht", **kw)
 
 
 def test_node_without_allowed_cpus_is_rejected():
-    with pytest.raises(PlanError, match="no CPU this process may use"):
+    with pytest.raises(PlacementError, match="no CPU this process may use"):
         plan("2s4c_noht", allowed={0, 1, 2, 3}, nodes_list=(1,))
 
 
@@ -348,14 +348,14 @@ def test_a_node_number_is_preferred_by_every_rank():
     ("xeon-max-9480-flat-snc4", "16", r"\(nodes: 0-15\)"),
 ])
 def test_impossible_memory_requests_name_the_fix(name, request_, match):
-    with pytest.raises(PlanError, match=match):
+    with pytest.raises(PlacementError, match=match):
         machine_plan(name, request_)
 
 
 def test_hbm_without_any_visible_numa_node_says_so():
     m = dataclasses.replace(load_machine(MACHINES / "xeon-8160-2s"), memory_nodes=(), source="this machine")
     p = make_plan(m.topology, m.topology.cpu_ids, PlanRequest())
-    with pytest.raises(PlanError, match="no HBM/MCDRAM node on this machine: no NUMA memory nodes are visible"):
+    with pytest.raises(PlacementError, match="no HBM/MCDRAM node on this machine: no NUMA memory nodes are visible"):
         place_memory(p, "hbm", m)
 
 
@@ -363,7 +363,7 @@ def test_hbm_for_a_cpu_node_missing_from_the_node_list_asks_for_a_new_descriptio
     m = load_machine(MACHINES / "xeon-max-9480-flat-snc4")
     m = dataclasses.replace(m, memory_nodes=tuple(n for n in m.memory_nodes if n.node != 0))
     p = make_plan(m.topology, m.topology.cpu_ids, PlanRequest())
-    with pytest.raises(PlanError, match=r"CPU node\(s\) 0 missing from the NUMA node list .*re-save"):
+    with pytest.raises(PlacementError, match=r"CPU node\(s\) 0 missing from the NUMA node list .*re-save"):
         place_memory(p, "hbm", m)
 
 
@@ -371,5 +371,5 @@ def test_memory_nodes_need_a_machine_description_not_an_lscpu_file():
     p = plan("2s4c_noht")
     place_memory(p, "ddr", None)
     for request in ("hbm", "0"):
-        with pytest.raises(PlanError, match="plan with --machine DIR"):
+        with pytest.raises(PlacementError, match="plan with --machine DIR"):
             place_memory(p, request, None)

@@ -1,5 +1,5 @@
-"""Per-rank environment: OpenMP thread count and affinity, oneCCL workers, Intel MPI pin
-domains, and allocator / OpenMP-runtime preloading.
+"""Per-rank environment: OpenMP thread count and affinity, oneCCL workers, and allocator /
+OpenMP-runtime preloading.
 
 Libraries are searched under versioned names too (distros ship ``libjemalloc.so.2``,
 not ``libjemalloc.so``). Affinity variables are explicit CPU lists, so a rank's threads
