@@ -16,9 +16,9 @@ import tempfile
 from dataclasses import replace
 
 from affinity.cpuset import CpuListError, allowed_cpus, format_cpulist, parse_cpulist
-from affinity.rank_env import EnvError, resolve
 from affinity.machine import Machine, MachineError, load_machine, this_machine
 from affinity.plan import NodePlan, PlacementError, PlanRequest, make_plan, place_memory
+from affinity.rank_env import EnvError, resolve
 from affinity.topology import Topology, TopologyError, load_topology
 from launchers import hostlist, identity, local, mpi, slurm, torchrun_env
 from launchers.argtypes import OneLineParser, int_range

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from affinity.cpuset import format_cpulist
-from affinity.rank_env import EnvChoice, merge_preload, rank_env
 from affinity.plan import NodePlan, RankPlan
+from affinity.rank_env import EnvChoice, merge_preload, rank_env
 from launchers.job import Job, LaunchError, RankLaunch, make_log_dir
 from launchers.supervise import Child, JobRun, catching, child_setup
 

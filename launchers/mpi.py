@@ -26,8 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from affinity.rank_env import EnvChoice, merge_preload, rank_env
 from affinity.plan import NodePlan
+from affinity.rank_env import EnvChoice, merge_preload, rank_env
 from launchers import guard
 from launchers.job import Job, LaunchError, RankLaunch, make_log_dir
 from launchers.local import memory_options

@@ -13,9 +13,9 @@ import json
 from dataclasses import asdict, dataclass
 
 from affinity.cpuset import allowed_cpus, format_cpulist, parse_cpulist
-from affinity.rank_env import EnvChoice, resolve
 from affinity.machine import this_machine
 from affinity.plan import NodePlan, PlacementError, PlanRequest, make_plan, place_memory
+from affinity.rank_env import EnvChoice, resolve
 
 SPEC_VAR = "LARS_RANK_PLAN"
 

@@ -13,8 +13,8 @@ import shlex
 import sys
 
 from affinity.cpuset import hex_mask
-from affinity.rank_env import EnvChoice, merge_preload, rank_env
 from affinity.plan import NodePlan
+from affinity.rank_env import EnvChoice, merge_preload, rank_env
 from launchers import guard
 from launchers.job import Job, RankLaunch
 from launchers.local import memory_options

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from affinity.rank_env import EnvChoice, rank_env
 from affinity.plan import NodePlan
+from affinity.rank_env import EnvChoice, rank_env
 from launchers.job import Job, RankLaunch
 from launchers.local import bind_prefix
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from affinity.cpuset import CpuListError, allowed_cpus, cgroup_cpuset, format_cpulist, hex_mask, parse_cpulist
-from affinity.rank_env import EnvError, find_library, merge_preload, rank_env, resolve
 from affinity.machine import load_machine
 from affinity.plan import PlacementError, PlanRequest, make_plan, place_memory
+from affinity.rank_env import EnvError, find_library, merge_preload, rank_env, resolve
 from affinity.topology import TopologyError, from_lscpu, from_sysfs, load_topology, parse_lscpu
 
 TOPOS = Path(__file__).parent / "data" / "topologies"
