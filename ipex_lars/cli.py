@@ -8,7 +8,7 @@ import os
 import select
 import sys
 
-from launchers.argtypes import OneLineParser
+from launchers.argtypes import OneLineParser, UsageError
 
 # subcommand -> module with add_arguments(parser) and run(args) -> exit code
 COMMANDS = {
@@ -59,13 +59,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return importlib.import_module(args._module).run(args)
+        try:
+            return importlib.import_module(args._module).run(args)
+        except UsageError as exc:
+            print(f"{_command_name(args)}: error: {exc}", file=sys.stderr)
+            return 2
     except BrokenPipeError:
         if not _stdout_closed():
             raise
         # output piped into `head` and the like, which stopped reading: end quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """``ipex-lars train``, ``ipex-lars bench comm``, ...: what a one-line error starts with."""
+    words = [args.command, getattr(args, "benchmark", None), getattr(args, "experiment", None)]
+    return " ".join(["ipex-lars", *(w for w in words if w)])
 
 
 def _stdout_closed() -> bool:

@@ -10,10 +10,10 @@ import importlib.metadata
 import json
 import os
 import platform
-import sys
 import warnings
 
 from affinity.machine import Machine, MachineError, load_machine, this_machine
+from launchers.argtypes import UsageError
 
 PACKAGES = ("torch", "torchvision", "intel-extension-for-pytorch", "oneccl-cpu", "impi-rt")
 
@@ -165,8 +165,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             report = describe(load_machine(args.machine))
         except MachineError as exc:
-            print(f"ipex-lars doctor: error: {exc}", file=sys.stderr)
-            return 2
+            raise UsageError(str(exc)) from None
     else:
         report = collect()
     if args.json:

@@ -13,6 +13,10 @@ import math
 from collections.abc import Callable
 
 
+class UsageError(ValueError):
+    """Bad input from the user: the command's main prints this one line and exits 2."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports errors on one line (exit code 2) instead of usage + error."""
 

@@ -58,4 +58,4 @@ def test_large_batch_experiment_writes_tables_json_and_plots(tmp_path):
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     out = run_cli("experiment", "large-batch", *args, "--out", str(tmp_path))
-    assert out.returncode == 2 and message in out.stdout and "Traceback" not in out.stdout + out.stderr
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stdout + out.stderr

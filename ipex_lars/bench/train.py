@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ipex_lars.bench.options import one_of
 from ipex_lars.bench.train_worker import MODEL_INPUTS, RESULT_TAG
-from launchers.argtypes import csv_of, float_range, int_range
+from launchers.argtypes import UsageError, csv_of, float_range, int_range
 
 BASELINE = {"precision": "fp32", "layout": "nchw", "backend": "native", "optimizer": "sgd"}
 AXES = {"precision": ("fp32", "bf16"), "layout": ("nchw", "channels_last"),
@@ -182,8 +182,7 @@ def run(args: argparse.Namespace) -> int:
         stacks = args.stacks or [None]
         pythons = {stack: _python(stack) for stack in stacks}
     except ValueError as exc:
-        print(f"ipex-lars bench train: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     ipex_on = {stack: _has_ipex(python) for stack, python in pythons.items()}
     rank_counts = [1] + ([args.ranks] if args.ranks > 1 else [])
     runs = [(stack, spec, ranks) for spec in configurations(args) for ranks in rank_counts for stack in stacks

@@ -11,8 +11,8 @@ statistics included) that W ranks see.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

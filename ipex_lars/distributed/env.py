@@ -27,7 +27,6 @@ import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
-
 JOB_ID_ENV = "IPEX_LARS_JOB_ID"
 
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from ipex_lars.experiments.large_batch_run import RunSpec
+from launchers.argtypes import UsageError
 
 # Grid centres at batch 128 (REFERENCE_BATCH), the lr each optimizer's scaling rule starts from, per
 # network (BN or not). Chosen from a pilot on the validation split (batch 64 and 1024, one seed,
@@ -100,11 +101,6 @@ def _run(tagged: tuple[str, RunSpec]) -> tuple[str, dict]:
     return tag, train_one(spec, *_DATA).to_dict()
 
 
-def _bad(message: str) -> int:
-    print(f"ipex-lars experiment large-batch: {message}")
-    return 2
-
-
 def _progress(total: int):
     try:
         from tqdm import tqdm
@@ -128,22 +124,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
-        return _bad(f"--batches must be integers, got {args.batches!r}")
+        raise UsageError(f"--batches must be integers, got {args.batches!r}") from None
     from ipex_lars.data.sources import mnist5k
 
     try:
         data = mnist5k()
     except ValueError as exc:
-        return _bad(str(exc))
+        raise UsageError(str(exc)) from None
     n_train = len(data[0])
     if any(b < 2 or b > n_train for b in [*batches, args.stability_batch]):
-        return _bad(f"batch sizes must be in 2..{n_train} (the training split), got {args.batches} "
-                    f"and --stability-batch {args.stability_batch}")
+        raise UsageError(f"batch sizes must be in 2..{n_train} (the training split), got {args.batches} "
+                         f"and --stability-batch {args.stability_batch}")
     if args.epochs < 1 or args.seeds < 2 or not 2 <= args.grid <= len(GRID_FACTORS) or args.sweep_points < 2 \
             or args.warmup_epochs < 0 or args.warmup_epochs >= args.epochs or args.width < 1 or args.depth < 1 \
             or args.jobs < 1:
-        return _bad(f"need --epochs >= 1, --seeds >= 2 (for a std), --grid in 2..{len(GRID_FACTORS)}, "
-                    "--sweep-points >= 2, 0 <= --warmup-epochs < --epochs, --width/--depth/--jobs >= 1")
+        raise UsageError(f"need --epochs >= 1, --seeds >= 2 (for a std), --grid in 2..{len(GRID_FACTORS)}, "
+                         "--sweep-points >= 2, 0 <= --warmup-epochs < --epochs, --width/--depth/--jobs >= 1")
     runs = plan_runs(args, batches)
     runs.sort(key=lambda r: r[1].batch)  # small batches (most steps) first: better load balance
     results: dict[str, list[dict]] = {"stability": [], "scaling": []}

@@ -177,16 +177,12 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     modes = [m for m in ("check", "calibrate") if getattr(args, m)]
-    try:
-        if len(modes) > 1 or (modes and args.scenario):
-            raise PlanError("--check, --calibrate and --scenario are separate modes: give one of them")
-        if args.save and not args.calibrate:
-            raise PlanError("--save writes a calibration: use it together with --calibrate")
-        if args.check:
-            return _check(args)
-        if args.calibrate:
-            return _calibrate(args)
-        return _plan(args)
-    except PlanError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    if len(modes) > 1 or (modes and args.scenario):
+        raise PlanError("--check, --calibrate and --scenario are separate modes: give one of them")
+    if args.save and not args.calibrate:
+        raise PlanError("--save writes a calibration: use it together with --calibrate")
+    if args.check:
+        return _check(args)
+    if args.calibrate:
+        return _calibrate(args)
+    return _plan(args)

@@ -33,12 +33,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from launchers.argtypes import UsageError
+
 ALGORITHMS = ("ring", "rabenseifner")
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012 train split; also logged as train_samples by MLPerf runs
 DEFAULT_OVERLAP = 2 / 3
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """An input the model cannot use; the message names the problem and the fix."""
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 
 from ipex_lars.train.config import TrainConfig, field_type
+from launchers.argtypes import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,20 +38,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.recipe, overrides)
     except (ValueError, TypeError) as exc:
-        print(f"ipex-lars train: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     start = time.perf_counter()
     try:
         result = train(cfg)
     except Interrupted:
         return 130
     except (ValueError, SaveError, RendezvousError) as exc:
-        print(f"ipex-lars train: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     except ModuleNotFoundError as exc:  # an optional dependency this recipe needs (torchvision, pillow)
-        print(f"ipex-lars train: error: this recipe needs the Python package '{exc.name}', which is not "
-              "installed; install the data extra: pip install 'ipex-lars[data]'", file=sys.stderr)
-        return 2
+        raise UsageError(f"this recipe needs the Python package '{exc.name}', which is not installed; install "
+                         "the data extra: pip install 'ipex-lars[data]'") from None
     if result.get("rank", 0) != 0:
         return 0  # rank 0 reports for the job
     minutes = (time.perf_counter() - start) / 60

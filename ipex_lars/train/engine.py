@@ -44,7 +44,7 @@ class _StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> _StopRequest:
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
