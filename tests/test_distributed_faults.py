@@ -20,6 +20,9 @@ import pytest
 from dist_workers import harness
 from dist_workers.harness import oneccl_built  # noqa: F401  (session fixture)
 
+from ipex_lars.bench.local_job import start_ranks
+from launchers.identity import free_port
+
 WORKER = harness.WORKERS / "faults.py"
 TIMEOUT_S = 4  # the process-group timeout for the missing-rank tests
 STARTUP_S = 90  # bound on two ranks importing torch and joining, on a busy 2-core machine
@@ -42,18 +45,23 @@ class Proc:
 @contextlib.contextmanager
 def ranks(tmp_path: Path, name: str, command: list[str], world: int, only: list[int] | None = None,
           port: int | None = None, **extra: str) -> Iterator[list[Proc]]:
-    """Start ranks `only` (default all) of a `world`-rank job, torchrun-style; kill their process groups after."""
-    port = port or harness.free_port()
+    """Start ranks `only` (default all) of a `world`-rank job, torchrun-style, each in its own session
+    with its output in files; kill their process groups after."""
+    files = {r: (tmp_path / f"{name}{r}.out", tmp_path / f"{name}{r}.err")
+             for r in (range(world) if only is None else only)}
+    opened: list = []
+
+    def outputs(rank: int) -> tuple:
+        opened.extend(path.open("w") for path in files[rank])
+        return opened[-2], opened[-1]
+
     procs: list[Proc] = []
     try:
-        for r in range(world) if only is None else only:
-            env = harness.base_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
-                                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            env.update(extra)
-            out, err = tmp_path / f"{name}{r}.out", tmp_path / f"{name}{r}.err"
-            with out.open("w") as o, err.open("w") as e:
-                popen = subprocess.Popen(command, env=env, stdout=o, stderr=e, start_new_session=True)
-            procs.append(Proc(r, popen, out, err))
+        popens = start_ranks(command, world, env={**harness.base_env(), **extra}, ranks=list(files), port=port,
+                             outputs=outputs, new_session=True)
+        for f in opened:
+            f.close()  # the children hold their own copies
+        procs = [Proc(r, popen, *files[r]) for r, popen in zip(files, popens)]
         yield procs
     finally:
         for p in procs:
@@ -237,7 +245,7 @@ def test_second_job_on_the_same_port_fails_fast_and_the_first_completes(tmp_path
     first_id, second_id = ids or ("", "")
     stop = tmp_path / "stop"
     command = worker("loop", backend_name, DIST_TIMEOUT, str(stop))
-    port = harness.free_port()
+    port = free_port()
     with ranks(tmp_path, "first", command, 2, port=port, IPEX_LARS_JOB_ID=first_id) as first:
         for p in first:
             wait_for(p, "READY")

@@ -1,8 +1,8 @@
 """A job of local rank processes started the way torchrun starts them, and their outputs collected.
 
-``ipex-lars bench comm`` and the distributed tests' harness both need N processes of one
+``ipex-lars bench comm`` and the distributed tests need N processes of one
 command on this machine, each told its rank through torchrun's variables and all meeting on
-one free port; they share this module. It does not import torch.
+one free port; they all use this module. It does not import torch.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import IO
 
 from launchers.identity import free_port
 
@@ -36,21 +37,27 @@ def without_launcher_vars(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def start_ranks(command: list[str], world: int, env: Mapping[str, str] | None = None,
-                ranks: list[int] | None = None) -> list[subprocess.Popen]:
+                ranks: list[int] | None = None, *, port: int | None = None,
+                outputs: Callable[[int], tuple[IO, IO]] | None = None,
+                new_session: bool = False) -> list[subprocess.Popen]:
     """Start ``ranks`` (default all) of a ``world``-rank job of ``command`` on this machine.
 
     Each process gets ``env`` (default: this process's environment) without any launcher's
     variables, plus torchrun's: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and one
-    MASTER_ADDR:MASTER_PORT for the job on a port the kernel reports free. Output is piped, as text.
+    MASTER_ADDR:MASTER_PORT for the job (``port``, default one the kernel reports free).
+    Output is piped, as text, unless ``outputs(rank)`` gives the (stdout, stderr) files to
+    write to; ``new_session`` starts each rank in a session of its own, so that its whole
+    process group can be signalled.
     """
     base = without_launcher_vars(os.environ if env is None else env)
-    port = str(free_port())
+    port = str(port or free_port())
     procs = []
     for rank in range(world) if ranks is None else ranks:
         rank_env = {**base, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                     "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen(command, env=rank_env, text=True, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE))
+        out, err = outputs(rank) if outputs else (subprocess.PIPE, subprocess.PIPE)
+        procs.append(subprocess.Popen(command, env=rank_env, text=True, stdout=out, stderr=err,
+                                      start_new_session=new_session))
     return procs
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from ipex_lars.bench.local_job import Ended, finish, start_ranks, without_launcher_vars
-from launchers.identity import free_port  # noqa: F401  (re-exported: tests/test_distributed_faults.py uses it)
 
 WORKERS = Path(__file__).parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
