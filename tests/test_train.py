@@ -146,6 +146,10 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, backend):
     for key in a:
         if a[key].is_floating_point() and "running" not in key:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    # the logged loss is the whole global batch's, not rank 0's half of it
+    one_loss, two_loss = ([json.loads(line)["loss"] for line in (tmp_path / run / "metrics-rank0.jsonl").open()]
+                          for run in ("one", "two"))
+    assert two_loss == pytest.approx(one_loss, rel=1e-5)
 
 
 @pytest.mark.slow
