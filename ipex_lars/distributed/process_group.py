@@ -110,8 +110,9 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None, verbos
     ``backend``: ``"auto"`` picks by transport (``auto_backend``): ``oneccl`` within one host or on a
     fabric provider, ``gloo`` across hosts over TCP or when oneCCL is not installed and built; the
     choice and its reason are printed by rank 0. ``"oneccl"``, ``"gloo"`` or ``"ccl"`` (Intel's
-    retired bindings, if installed) force one. ``timeout`` (seconds, default ``$IPEX_LARS_DIST_TIMEOUT`` or 300) bounds the wait
-    for missing ranks and every collective; past it the job fails naming the problem.
+    retired bindings, if installed) force one. ``timeout`` (seconds, default
+    ``$IPEX_LARS_DIST_TIMEOUT`` or 300) bounds the wait for missing ranks and every collective; past
+    it the job fails naming the problem.
 
     Isolation (``rendezvous``): rank 0's store listens on MASTER_ADDR's interface only, and a
     rank refuses a store of another job (another ``IPEX_LARS_JOB_ID`` or launcher job id, another
