@@ -167,8 +167,8 @@ def train(cfg: TrainConfig) -> dict:
                     batches = epoch_batches(train_data, plan, epoch, in_epoch, cfg.workers)
                 before, started = dict(timings), time.perf_counter()
                 loss_sum, finite, bad = train_step(model, optimizer, criterion, batches, cfg, timings, sync)
-                loss_sum, stopping = _mean_over_ranks(loss_sum, stop.signum is not None, world)
                 seconds = time.perf_counter() - started
+                loss_sum, stopping = _mean_over_ranks(loss_sum, stop.signum is not None, world)
                 bad_images += bad
                 skipped += not finite
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step used
