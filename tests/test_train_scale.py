@@ -88,7 +88,7 @@ def test_resume_is_refused_on_every_rank_when_one_cannot_read_rank0s_checkpoint(
         assert len(lines) == 1 and "Traceback" not in r.err, r.err
         assert f"rank 1 (host {host}) cannot resume: {tmp_path}/r1/ckpt-00000002.pt does not exist there" in lines[0]
         assert f"rank 0 resumes from {host}:{tmp_path}/r0/ckpt-00000002.pt (step 2)" in lines[0]
-        assert "a filesystem all ranks share, or copy that file" in lines[0]
+        assert lines[0].endswith("a filesystem all ranks share, or copy that file into every rank's --out-dir")
 
     shutil.copy(tmp_path / "r0" / "ckpt-00000002.pt", tmp_path / "r1")
     resumed = _train_ranks(tmp_path, *common, "--max-steps", "4")
