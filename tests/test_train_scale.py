@@ -108,3 +108,19 @@ def test_a_rank_refuses_a_different_checkpoint_of_the_same_name(tmp_path):
     assert resume._read_same(ours, decision)[1] is None
     state, problem = resume._read_same(theirs, decision)
     assert state is None and "is another checkpoint than rank 0's (SHA-256 differs)" in problem
+
+
+def test_an_error_on_one_rank_ends_the_others_at_once_naming_it(tmp_path):
+    # rank 1's data folder is missing on its host: it stops with the one-line error (exit 2), and rank 0,
+    # already waiting in a collective, ends at once naming rank 1 and why, instead of a gloo traceback
+    command = ["sh", "-c", f'[ "$RANK" = 1 ] && set -- "$@" --data imagefolder --data-dir {tmp_path}/missing; '
+               f'exec "$0" train --out-dir {tmp_path}/r$RANK "$@"', str(SCRIPT), "--dist-backend", "gloo",
+               "--max-steps", "1", "--no-progress"]
+    started = time.monotonic()
+    ranks = harness.torchrun_command(command, world=2, timeout=60)
+    assert time.monotonic() - started < 60
+    assert [r.rc for r in ranks] == [1, 2], harness.describe(ranks)
+    assert f"error: --data-dir {tmp_path}/missing does not exist" in ranks[1].err
+    named = [line for line in ranks[0].err.splitlines() if "rank 1 (host" in line]
+    assert len(named) == 1 and f"failed: ValueError: --data-dir {tmp_path}/missing does not exist" in named[0]
+    assert "Traceback" not in ranks[0].err + ranks[1].err

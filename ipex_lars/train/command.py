@@ -29,10 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ipex_lars.distributed import RendezvousError
+    from ipex_lars.distributed import RendezvousError, liveness
     from ipex_lars.train.checkpoint import SaveError
     from ipex_lars.train.config import load_config
     from ipex_lars.train.engine import Interrupted, train
+    from ipex_lars.train.resume import ResumeRefused
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     except (ValueError, SaveError, RendezvousError) as exc:
         print(f"ipex-lars train: error: {exc}", file=sys.stderr)
+        if not isinstance(exc, ResumeRefused):  # raised by every rank together; others alone: tell the peers
+            liveness.fail(f"{type(exc).__name__}: {exc}")
         return 2
     if result.get("rank", 0) != 0:
         return 0  # rank 0 reports for the job

@@ -30,10 +30,6 @@ from ipex_lars.train.grad_sync import GradientSync, grads_finite
 from ipex_lars.train.metrics import PHASES, MetricsLog
 from ipex_lars.train.precision import autocast, to_input
 
-# Settings that fix the data order and the learning-rate schedule: a resumed run must keep them.
-RESUME_MUST_MATCH = ("model", "data", "global_batch", "seed", "epochs", "optimizer", "lr", "warmup_epochs",
-                     "poly_power", "end_lr", "momentum_style")
-
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived; a checkpoint of the last completed step was saved."""
@@ -289,11 +285,6 @@ def _state(cfg: TrainConfig, step: int, model: nn.Module, optimizer, scheduler) 
 
 
 def _restore(state: dict, cfg: TrainConfig, model, optimizer, scheduler) -> int:
-    saved = state["config"]
-    for key in RESUME_MUST_MATCH:
-        if saved[key] != getattr(cfg, key):
-            raise ValueError(f"cannot resume: the checkpoint was made with {key}={saved[key]!r}, this run has "
-                             f"{getattr(cfg, key)!r}; use the same setting or a new --out-dir")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

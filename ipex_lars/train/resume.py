@@ -30,6 +30,14 @@ import torch.distributed as dist
 from ipex_lars.train import checkpoint
 from ipex_lars.train.config import TrainConfig
 
+# Settings that fix the data order and the learning-rate schedule: a resumed run must keep them.
+MUST_MATCH = ("model", "data", "global_batch", "seed", "epochs", "optimizer", "lr", "warmup_epochs",
+              "poly_power", "end_lr", "momentum_style")
+
+
+class ResumeRefused(ValueError):
+    """The run cannot resume as asked. Every rank raises it together, with the same message."""
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -46,13 +54,16 @@ class Decision:
 def agree(cfg: TrainConfig, out: Path, rank: int = 0, world: int = 1) -> tuple[Path, dict] | None:
     """The checkpoint every rank resumes from and what it holds (read by this rank), or None to start afresh.
 
-    Every rank of the job must call it. Raises ValueError (one line, the same on every rank) when rank 0
-    cannot resume as asked or some rank cannot read the checkpoint rank 0 chose.
+    Every rank of the job must call it. Raises ResumeRefused (one line, the same on every rank) when rank 0
+    cannot resume as asked (no intact checkpoint, one made with other settings, a fresh run in a folder
+    of checkpoints) or some rank cannot read the checkpoint rank 0 chose.
     """
     found = None
     if rank == 0:
         try:
             found = _rank0_choice(cfg, out)
+            if found is not None:
+                _check_settings(found[1]["config"], cfg)
             decision = Decision() if found is None else Decision(
                 path=str(found[0]), in_out_dir=cfg.resume == "auto", step=found[1]["step"],
                 sha256=checkpoint.saved_sha256(found[0]), host=socket.gethostname())
@@ -62,7 +73,7 @@ def agree(cfg: TrainConfig, out: Path, rank: int = 0, world: int = 1) -> tuple[P
         decision = None
     decision = _broadcast(decision, world)
     if decision.error:
-        raise ValueError(decision.error if rank == 0 else f"rank 0 cannot resume: {decision.error}")
+        raise ResumeRefused(decision.error)
     if not decision.path:
         return None
     if rank == 0:
@@ -76,7 +87,7 @@ def agree(cfg: TrainConfig, out: Path, rank: int = 0, world: int = 1) -> tuple[P
         first, reason = failed[0]
         others = f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])} likewise)" if len(failed) > 1 else ""
         where = "into every rank's --out-dir" if decision.in_out_dir else "to that path on every rank's host"
-        raise ValueError(f"rank {first} {reason}{others}; rank 0 resumes from {decision.host}:{decision.path} "
+        raise ResumeRefused(f"rank {first} {reason}{others}; rank 0 resumes from {decision.host}:{decision.path} "
                          f"(step {decision.step}). Put --out-dir on a filesystem all ranks share, or copy that "
                          f"file {where}")
     return mine
@@ -109,6 +120,14 @@ def _rank0_choice(cfg: TrainConfig, out: Path) -> tuple[Path, dict] | None:
         raise ValueError(f"none of the {len(found)} checkpoint(s) in {out} is intact (see the warnings above); "
                          "start afresh in a new --out-dir")
     return None
+
+
+def _check_settings(saved: dict, cfg: TrainConfig) -> None:
+    """Refuse a checkpoint made with another data order or learning-rate schedule."""
+    for key in MUST_MATCH:
+        if saved[key] != getattr(cfg, key):
+            raise ValueError(f"cannot resume: the checkpoint was made with {key}={saved[key]!r}, this run has "
+                             f"{getattr(cfg, key)!r}; use the same setting or a new --out-dir")
 
 
 def _read_same(path: Path, decision: Decision) -> tuple[tuple[Path, dict] | None, str | None]:
