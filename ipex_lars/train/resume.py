@@ -88,8 +88,8 @@ def agree(cfg: TrainConfig, out: Path, rank: int = 0, world: int = 1) -> tuple[P
         others = f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])} likewise)" if len(failed) > 1 else ""
         where = "into every rank's --out-dir" if decision.in_out_dir else "to that path on every rank's host"
         raise ResumeRefused(f"rank {first} {reason}{others}; rank 0 resumes from {decision.host}:{decision.path} "
-                         f"(step {decision.step}). Put --out-dir on a filesystem all ranks share, or copy that "
-                         f"file {where}")
+                            f"(step {decision.step}). Put --out-dir on a filesystem all ranks share, or copy that "
+                            f"file {where}")
     return mine
 
 
