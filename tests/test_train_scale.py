@@ -124,3 +124,23 @@ def test_an_error_on_one_rank_ends_the_others_at_once_naming_it(tmp_path):
     named = [line for line in ranks[0].err.splitlines() if "rank 1 (host" in line]
     assert len(named) == 1 and f"failed: ValueError: --data-dir {tmp_path}/missing does not exist" in named[0]
     assert "Traceback" not in ranks[0].err + ranks[1].err
+
+
+def test_shares_of_an_image_folder_are_its_images_in_order(tmp_path):
+    from PIL import Image
+
+    from ipex_lars.data import eval_batches
+    from ipex_lars.data.folder import ImageFolderData
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(4 if label == "a" else 3):
+            Image.new("RGB", (8, 8), (40 * i, 100 if label == "a" else 200, 7)).save(tmp_path / label / f"{i}.png")
+    data = ImageFolderData(tmp_path, 8, train=False)
+
+    def images(part=None):
+        return torch.cat([x for x, _, _ in eval_batches(data, batch=2, part=part)])
+
+    whole = images()
+    assert len(whole) == 7
+    assert torch.equal(torch.cat([images(share(7, r, 3)) for r in range(3)]), whole)
