@@ -32,11 +32,13 @@ def test_collectives_under_intel_mpi(world):
     assert ok_ranks(job.out) == [(r, "mpi", "oneccl") for r in range(world)]
 
 
-def test_auto_picks_oneccl_when_built_and_says_why():
+def test_auto_picks_oneccl_for_ranks_on_one_host_and_says_why():
     ranks = harness.torchrun_style("collectives.py", ["auto"], 2)
     assert [r.rc for r in ranks] == [0, 0], harness.describe(ranks)
     assert ok_ranks("".join(r.out for r in ranks)) == [(0, "torchrun", "oneccl"), (1, "torchrun", "oneccl")]
-    assert "backend oneccl (oneCCL is installed and the backend is built)" in ranks[0].err
+    assert "backend oneccl (auto: all 2 rank(s) on one host, where oneccl's shared-memory transport measured " \
+           "faster than gloo)" in ranks[0].err
+    assert "backend oneccl" not in ranks[1].err  # rank 0 says it, once
     assert "CCL_ATL_SHM=1" in ranks[0].err
 
 

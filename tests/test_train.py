@@ -141,12 +141,17 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, backend):
     common = ["--epochs", "1", "--max-steps", "3", "--global-batch", "128", "--checkpoint-every", "3"]
     one = _cli(*common, "--accum-steps", "2", "--out-dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    _, errs = _two_ranks(*common, "--dist-backend", backend, "--out-dir", str(tmp_path / "two"))
+    result, errs = _two_ranks(*common, "--dist-backend", backend, "--out-dir", str(tmp_path / "two"))
     assert f"backend {backend}" in errs[0]
+    assert result["val_images"] == 360  # the held-out digits, split between the ranks, each counted once
     a, b = _weights(tmp_path / "one" / "ckpt-00000003.pt"), _weights(tmp_path / "two" / "ckpt-00000003.pt")
     for key in a:
         if a[key].is_floating_point() and "running" not in key:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    # the logged loss is the whole global batch's, not rank 0's half of it
+    one_loss, two_loss = ([json.loads(line)["loss"] for line in (tmp_path / run / "metrics-rank0.jsonl").open()]
+                          for run in ("one", "two"))
+    assert two_loss == pytest.approx(one_loss, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -91,13 +91,15 @@ def epoch_batches(data, plan: BatchPlan, epoch: int, start_step: int, workers: i
     yield from _folder_loader(data, workers, seed, batch_sampler=batches)
 
 
-def eval_batches(data, batch: int = 256, workers: int = 0) -> Iterator[Batch]:
-    """All of ``data`` in order, for evaluation."""
+def eval_batches(data, batch: int = 256, workers: int = 0, part: range | None = None) -> Iterator[Batch]:
+    """The samples ``part`` (default: all) of ``data``, in order, for evaluation."""
+    part = range(len(data)) if part is None else part
     if isinstance(data, TensorData):
-        for i in range(0, len(data), batch):
-            yield data.images[i:i + batch], data.labels[i:i + batch], 0
+        for i in range(part.start, part.stop, batch):
+            end = min(i + batch, part.stop)
+            yield data.images[i:end], data.labels[i:end], 0
         return
-    yield from _folder_loader(data, workers, 0, batch_size=batch)
+    yield from _folder_loader(data, workers, 0, batch_size=batch, sampler=part)
 
 
 def _folder_loader(data, workers: int, seed: int, **batching) -> Iterator[Batch]:

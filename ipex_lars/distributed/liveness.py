@@ -348,6 +348,14 @@ def stop(watcher: Watcher) -> None:
             sys.excepthook = _previous_hook
 
 
+def fail(reason: str) -> None:
+    """Mark this rank as failing for ``reason`` when it ends on an error it handled itself (a one-line
+    message and exit code 2, say) rather than an uncaught exception: the other ranks then end at once,
+    naming it, instead of meeting a closed connection in their next collective."""
+    if _active is not None:
+        _active.failure = reason
+
+
 def _install_hook() -> None:
     global _previous_hook
     _previous_hook = sys.excepthook

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ipex_lars.distributed import backend as oneccl
-from ipex_lars.distributed import interface, liveness, rendezvous
+from ipex_lars.distributed import auto_backend, interface, layout, liveness, rendezvous
 from ipex_lars.distributed.env import Launch, apply_defaults, ccl_defaults, detect, job_id
 from ipex_lars.distributed.rendezvous import TIMEOUT_ENV
 
@@ -29,16 +29,16 @@ class DistInfo:
     reason: str
     launch: Launch
     env_set: dict[str, str] = field(default_factory=dict)
+    hosts: int = 1  # hosts the job's ranks run on
+    cpu_sharers: int = 1  # ranks on this host allowed on this rank's CPUs, this one included
 
 
-def _choose(requested: str) -> tuple[str, str]:
+def _choose(requested: str, hosts: int, world: int) -> tuple[str, str]:
     if requested == "auto":
         why_not = oneccl.unavailable_reason()
-        if why_not:
-            return "gloo", f"oneccl unavailable: {why_not}"
-        if not oneccl.is_built():
-            return "gloo", "the oneccl extension is not built for this torch; run `ipex-lars build` once"
-        return "oneccl", "oneCCL is installed and the backend is built"
+        if not why_not and not oneccl.is_built():
+            why_not = "the oneccl extension is not built for this torch; run `ipex-lars build` once"
+        return auto_backend.choose(hosts, world, os.environ, why_not)
     if requested == "oneccl":
         why_not = oneccl.unavailable_reason()
         if why_not:
@@ -100,14 +100,19 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None, verbos
     a one-node mpiexec uses 127.0.0.1 and a port derived from the shared hydra proxy's pid; a
     multi-node mpiexec must set both (``-genv``).
 
-    Before anything loads oneCCL it sets, unless already set, the settings measured fastest
-    (``CCL_ATL_SHM=1`` and ``CCL_WORKER_OFFLOAD=0`` within a node, ``CCL_PROCESS_LAUNCHER=none``,
-    ``OMP_NUM_THREADS`` = this rank's share of the CPUs, also applied with ``torch.set_num_threads``).
+    Once all ranks have met, every rank learns the job's layout (``layout``: how many hosts, which
+    ranks may use its CPUs). Then, before anything loads oneCCL, it sets, unless already set, the
+    settings measured fastest (``CCL_ATL_SHM=1`` and ``CCL_WORKER_OFFLOAD=0`` when all ranks are on
+    one host, ``CCL_PROCESS_LAUNCHER=none``, ``OMP_NUM_THREADS`` = this rank's share of the CPUs it
+    may use, also applied with ``torch.set_num_threads``). A rank pinned to its own CPUs (lars-run,
+    taskset, srun or mpiexec pinning) keeps all of them; ranks allowed on the same CPUs split them.
 
-    ``backend``: ``"auto"`` picks ``oneccl`` when oneCCL is installed and the extension built,
-    else ``gloo``; ``"oneccl"``, ``"gloo"`` or ``"ccl"`` (Intel's retired bindings, if installed)
-    force one. ``timeout`` (seconds, default ``$IPEX_LARS_DIST_TIMEOUT`` or 300) bounds the wait
-    for missing ranks and every collective; past it the job fails naming the problem.
+    ``backend``: ``"auto"`` picks by transport (``auto_backend``): ``oneccl`` within one host or on a
+    fabric provider, ``gloo`` across hosts over TCP or when oneCCL is not installed and built; the
+    choice and its reason are printed by rank 0. ``"oneccl"``, ``"gloo"`` or ``"ccl"`` (Intel's
+    retired bindings, if installed) force one. ``timeout`` (seconds, default
+    ``$IPEX_LARS_DIST_TIMEOUT`` or 300) bounds the wait for missing ranks and every collective; past
+    it the job fails naming the problem.
 
     Isolation (``rendezvous``): rank 0's store listens on MASTER_ADDR's interface only, and a
     rank refuses a store of another job (another ``IPEX_LARS_JOB_ID`` or launcher job id, another
@@ -126,20 +131,21 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None, verbos
     iface = interface.apply(launch)  # before any backend reads CCL_KVS_IFACE / FI_TCP_IFACE / GLOO_SOCKET_IFNAME
     if verbose and launch.rank == 0 and launch.world_size > 1:
         print(f"[ipex_lars.distributed] {iface.line()}", file=sys.stderr, flush=True)
-    cpus = len(os.sched_getaffinity(0))
-    env_set = apply_defaults(ccl_defaults(launch, cpus))
-    if "OMP_NUM_THREADS" in env_set:
-        torch.set_num_threads(int(env_set["OMP_NUM_THREADS"]))
-    chosen, reason = _choose(backend)
     limit = _timeout(timeout)
     heartbeat = liveness.heartbeat_timeout()
     job = job_id()
     store = rendezvous.open_store(launch, limit, job)
-    rendezvous.wait_for_ranks(dist.PrefixStore(rendezvous.PREFIX, store), launch.rank, launch.world_size, limit)
+    meeting = dist.PrefixStore(rendezvous.PREFIX, store)
+    rendezvous.wait_for_ranks(meeting, launch.rank, launch.world_size, limit)
     _watcher = liveness.start(store, launch, job, heartbeat)
     atexit.register(shutdown)
+    where = layout.exchange(meeting, launch.rank, launch.world_size, limit)
+    env_set = apply_defaults(ccl_defaults(launch, len(where.cpus), where.cpu_sharers, one_host=where.hosts == 1))
+    if "OMP_NUM_THREADS" in env_set:
+        torch.set_num_threads(int(env_set["OMP_NUM_THREADS"]))
+    chosen, reason = _choose(backend, where.hosts, launch.world_size)  # loads oneCCL: after its settings
     dist.init_process_group(chosen, store=store, rank=launch.rank, world_size=launch.world_size, timeout=limit)
-    info = DistInfo(chosen, reason, launch, env_set)
+    info = DistInfo(chosen, reason, launch, env_set, where.hosts, where.cpu_sharers)
     if verbose and launch.rank == 0:
         settings = " ".join(f"{k}={v}" for k, v in env_set.items()) or "none"
         print(f"[ipex_lars.distributed] backend {chosen} ({reason}); launcher {launch.launcher}, "

@@ -179,6 +179,16 @@ def load(path: str | Path, quiet: bool = False) -> dict:
     return state
 
 
+def saved_sha256(path: str | Path) -> str | None:
+    """The SHA-256 stored in a checkpoint's trailer (not re-computed: ``load`` checks it), or None for a file
+    from before checksums; it names the checkpoint's content, whichever host or folder holds a copy."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - _TRAILER_SIZE))
+        tail = f.read()
+    return tail[len(_TRAILER):].decode() if len(tail) == _TRAILER_SIZE and tail.startswith(_TRAILER) else None
+
+
 def _verify(path: Path) -> bool:
     """True if ``path`` ends in a checksum its bytes match, False if it predates checksums (it ends in the
     zip's end record); raises ``CorruptCheckpoint`` otherwise."""

@@ -29,10 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ipex_lars.distributed import RendezvousError
+    from ipex_lars.distributed import RendezvousError, liveness
     from ipex_lars.train.checkpoint import SaveError
     from ipex_lars.train.config import load_config
     from ipex_lars.train.engine import Interrupted, train
+    from ipex_lars.train.resume import ResumeRefused
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     except Interrupted:
         return 130
     except (ValueError, SaveError, RendezvousError) as exc:
+        if not isinstance(exc, ResumeRefused):  # raised by every rank together; others alone: tell the peers
+            liveness.fail(f"{type(exc).__name__}: {exc}")
         raise UsageError(str(exc)) from None
     except ModuleNotFoundError as exc:  # an optional dependency this recipe needs (torchvision, pillow)
         raise UsageError(f"this recipe needs the Python package '{exc.name}', which is not installed; install "

@@ -82,7 +82,8 @@ class TrainConfig:
     bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size in MB: smaller buckets start allreduce (and, with "
                                      "overlap_optimizer, LARS) earlier in backward, at more messages per step",
                                 valid=ABOVE_0)
-    dist_backend: str = _opt("auto", "torch.distributed backend for multi-rank runs (auto: oneccl, else gloo)",
+    dist_backend: str = _opt("auto", "torch.distributed backend for multi-rank runs (auto: oneccl within one "
+                             "host or on a fabric, gloo across hosts over TCP or without oneCCL)",
                              ("auto", "oneccl", "gloo", "ccl"))
     seed: int = _opt(0, "seed of initialisation, data order and dropout", valid=Range(0, 2**32 - 1))
     out_dir: str = _opt("runs/digits", "where checkpoints and metrics go")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import signal
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -21,17 +20,15 @@ import torch.distributed as dist
 from torch import nn
 
 import ipex_lars.distributed as ild
-from ipex_lars.data import BatchPlan, build_datasets, epoch_batches, eval_batches, write_skipped
+from ipex_lars.data import BatchPlan, build_datasets, epoch_batches, write_skipped
 from ipex_lars.models import create_model
 from ipex_lars.optim import LARS, WarmupPolyLR, lars_param_groups
-from ipex_lars.train import checkpoint, precision
+from ipex_lars.train import checkpoint, precision, resume
 from ipex_lars.train.config import TrainConfig
+from ipex_lars.train.evaluate import average_buffers, evaluate
 from ipex_lars.train.grad_sync import GradientSync, grads_finite
 from ipex_lars.train.metrics import PHASES, MetricsLog
-
-# Settings that fix the data order and the learning-rate schedule: a resumed run must keep them.
-RESUME_MUST_MATCH = ("model", "data", "global_batch", "seed", "epochs", "optimizer", "lr", "warmup_epochs",
-                     "poly_power", "end_lr", "momentum_style")
+from ipex_lars.train.precision import autocast, to_input
 
 
 class Interrupted(Exception):
@@ -87,33 +84,12 @@ def wrap_model(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCon
         model = torch.compile(model)
     if world == 1:
         return model, None
-    # gradients live in DDP's buckets, where the optimizer reads the averaged values in place
-    model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, bucket_cap_mb=cfg.bucket_cap_mb)
+    # gradients live in DDP's buckets, where the optimizer reads the averaged values in place. BN running
+    # statistics stay each rank's own (no broadcast from rank 0 before every forward): they are averaged
+    # across ranks before each evaluation and checkpoint instead, which counts every rank's batches.
+    model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, bucket_cap_mb=cfg.bucket_cap_mb,
+                                                broadcast_buffers=False)
     return model, GradientSync(model, optimizer if cfg.overlap_optimizer else None, cfg.skip_nonfinite)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data, cfg: TrainConfig) -> dict:
-    """Top-1 and top-5 accuracy (percent), mean loss on the readable images of ``data``, and how many were not."""
-    model.eval()
-    correct1 = correct5 = n = unreadable = 0
-    loss = 0.0
-    for images, y, bad in eval_batches(data, workers=cfg.workers):
-        unreadable += bad
-        if not len(y):
-            continue
-        x = _to_input(images, cfg)
-        n += len(y)
-        with _autocast(cfg):
-            logits = model(x).float()
-        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
-    model.train()
-    n = max(n, 1)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss / n,
-            "skipped_images": unreadable}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -149,14 +125,11 @@ def train(cfg: TrainConfig) -> dict:
         _log(rank, f"removed {files} temp file(s) of interrupted checkpoint saves from {out}, freeing {freed} bytes"
                    + (f" ({checkpoint.human_size(freed)})" if freed >= 1000 else ""))
     step, resume_from = 0, None
-    if resumed := _resume_state(cfg, out, rank):
+    if resumed := resume.agree(cfg, out, rank, world):
         resume_from, state = resumed
         step = _restore(state, cfg, model, optimizer, scheduler)
         del resumed, state  # free the checkpoint's copy of the weights
         _log(rank, f"resumed from {resume_from} at step {step}")
-    elif existing := checkpoint.all_checkpoints(out):
-        raise ValueError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue that run with "
-                         "--resume auto, or start this one in a new --out-dir")
     saved_step, saved_path = step, resume_from
 
     core = model  # what checkpoints save; the wrappers only change how it runs
@@ -164,12 +137,15 @@ def train(cfg: TrainConfig) -> dict:
     if world == 1 and cfg.overlap_optimizer:
         _log(rank, "--overlap-optimizer has no effect in a single process: there is no allreduce to overlap")
 
-    def save_checkpoint() -> Path:
-        """Rank 0 writes this step's checkpoint, once however often asked; returns its path."""
+    def save_checkpoint() -> Path | None:
+        """Every rank calls it: BN statistics are averaged across ranks, then rank 0 writes this step's
+        checkpoint, once however often asked; returns its path (None on the other ranks)."""
         nonlocal saved_step, saved_path
         if saved_step != step:
-            saved_path = checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler),
-                                         cfg.keep_checkpoints)
+            average_buffers(core, world)
+            if rank == 0:
+                saved_path = checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler),
+                                             cfg.keep_checkpoints)
             saved_step = step
         return saved_path
 
@@ -188,6 +164,7 @@ def train(cfg: TrainConfig) -> dict:
                 before, started = dict(timings), time.perf_counter()
                 loss_sum, finite, bad = train_step(model, optimizer, criterion, batches, cfg, timings, sync)
                 seconds = time.perf_counter() - started
+                loss_sum, stopping = _mean_over_ranks(loss_sum, stop.signum is not None, world)
                 bad_images += bad
                 skipped += not finite
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step used
@@ -199,7 +176,7 @@ def train(cfg: TrainConfig) -> dict:
                           "skipped_steps": skipped, "skipped_images": bad_images}
                 end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
                 if end_of_epoch:
-                    record.update({f"val_{k}": v for k, v in evaluate(core, val_data, cfg).items()})
+                    record.update({f"val_{k}": v for k, v in evaluate(core, val_data, cfg, rank, world).items()})
                     record["phase_seconds"] = {k: round(v, 4) for k, v in timings.items()}
                 if metrics:
                     metrics.write(record)
@@ -207,14 +184,13 @@ def train(cfg: TrainConfig) -> dict:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{record['lr']:.3g}",
                                          **({"val_top1": f"{record['val_top1']:.1f}"} if end_of_epoch else {}))
-                if rank == 0 and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                                  or (not cfg.checkpoint_every and end_of_epoch)):
+                if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                        or (not cfg.checkpoint_every and end_of_epoch)):
                     save_checkpoint()
                 result = record
-                if _any_rank(stop.signum is not None, world):
-                    if rank == 0:
-                        path = save_checkpoint()
-                        _log(rank, f"stopped at step {step}: saved {path}; continue with --resume auto")
+                if stopping:
+                    path = save_checkpoint()
+                    _log(rank, f"stopped at step {step}: saved {path}; continue with --resume auto")
                     raise Interrupted(f"signal {stop.signum or 'on another rank'}")
     finally:
         if progress:
@@ -223,10 +199,9 @@ def train(cfg: TrainConfig) -> dict:
             metrics.close()
         if skip_log := write_skipped(out, train_data, val_data, rank=rank):
             _log(rank, f"unreadable images skipped so far are named in {skip_log}")
-    if rank == 0:
-        save_checkpoint()
+    save_checkpoint()
     if "val_top1" not in result:
-        result["val_top1"] = evaluate(core, val_data, cfg)["top1"]
+        result["val_top1"] = evaluate(core, val_data, cfg, rank, world)["top1"]
     if joined:  # we started the process group, so we end it: all ranks together, DDP dropped first
         del model
         dist.barrier()
@@ -252,11 +227,11 @@ def train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: 
         bad += skipped
         if not len(y):
             raise ValueError(f"a micro-batch of {skipped} images had none readable; check the data folder")
-        x = _to_input(images, cfg)
+        x = to_input(images, cfg)
         t1 = time.perf_counter()
         reduce = sync is not None and j == cfg.accum_steps - 1  # earlier micro-batches only accumulate
         with (model.no_sync() if sync is not None and not reduce else nullcontext()):
-            with _autocast(cfg):
+            with autocast(cfg):
                 loss = criterion(model(x).float(), y) / cfg.accum_steps
             t2 = time.perf_counter()
             loss.backward()
@@ -293,21 +268,14 @@ def _ipex_optimize(model: nn.Module, optimizer, cfg: TrainConfig):
     return ipex.optimize(model, optimizer=optimizer, dtype=dtype)
 
 
-def _any_rank(flag: bool, world: int) -> bool:
-    """True on every rank if it is true on any: ranks stop together, at the same step."""
+def _mean_over_ranks(loss: float, stop: bool, world: int) -> tuple[float, bool]:
+    """The step's loss averaged over all ranks (what the metrics log), and whether any rank was asked to
+    stop (so ranks stop together, at the same step); one allreduce."""
     if world == 1:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _to_input(images: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    return images.contiguous(memory_format=torch.channels_last) if cfg.channels_last else images
-
-
-def _autocast(cfg: TrainConfig):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+        return loss, stop
+    t = torch.tensor([loss, float(stop)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t[0].item() / world, t[1].item() > 0
 
 
 def _state(cfg: TrainConfig, step: int, model: nn.Module, optimizer, scheduler) -> dict:
@@ -317,43 +285,12 @@ def _state(cfg: TrainConfig, step: int, model: nn.Module, optimizer, scheduler) 
 
 
 def _restore(state: dict, cfg: TrainConfig, model, optimizer, scheduler) -> int:
-    saved = state["config"]
-    for key in RESUME_MUST_MATCH:
-        if saved[key] != getattr(cfg, key):
-            raise ValueError(f"cannot resume: the checkpoint was made with {key}={saved[key]!r}, this run has "
-                             f"{getattr(cfg, key)!r}; use the same setting or a new --out-dir")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     return state["step"]
-
-
-def _resume_state(cfg: TrainConfig, out: Path, rank: int) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from and what it holds, or None to start afresh.
-
-    ``--resume FILE`` must be intact; ``--resume auto`` takes the newest intact checkpoint in ``out``,
-    warning about each damaged one it passes over.
-    """
-    if not cfg.resume:
-        return None
-    if cfg.resume != "auto":
-        try:
-            return Path(cfg.resume), checkpoint.load(cfg.resume, quiet=rank != 0)
-        except checkpoint.CorruptCheckpoint as exc:
-            raise ValueError(f"{exc}; resume from another one, or use --resume auto for the newest intact one "
-                             "in --out-dir") from None
-    found = checkpoint.all_checkpoints(out)
-    for path in reversed(found):
-        try:
-            return path, checkpoint.load(path, quiet=rank != 0)
-        except checkpoint.CorruptCheckpoint as exc:
-            _warn(rank, f"{exc}; --resume auto skips it")
-    if found:
-        raise ValueError(f"none of the {len(found)} checkpoint(s) in {out} is intact (see the warnings above); "
-                         "start afresh in a new --out-dir")
-    return None
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -391,8 +328,3 @@ def _progress(rank: int, total: int, done: int):
 def _log(rank: int, message: str) -> None:
     if rank == 0:
         print(f"[ipex-lars] {message}", flush=True)
-
-
-def _warn(rank: int, message: str) -> None:
-    if rank == 0:
-        print(f"[ipex-lars] warning: {message}", file=sys.stderr, flush=True)

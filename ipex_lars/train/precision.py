@@ -10,6 +10,9 @@ before any work, with the alternatives.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
+
+import torch
 
 from affinity.machine import Machine, this_machine
 from ipex_lars.train.config import TrainConfig
@@ -37,3 +40,13 @@ def choose(cfg: TrainConfig, machine: Machine | None = None) -> tuple[TrainConfi
             raise ValueError(f"--backend ipex --precision bf16 needs {missing[0]}, which this CPU ({cpu.model}) "
                              "lacks; use --backend native (bf16 autocast), --precision fp32, or --precision auto")
     return dataclasses.replace(cfg, precision=precision), why
+
+
+def autocast(cfg: TrainConfig):
+    """The context a forward pass runs in: bf16 autocast for precision bf16, else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+
+
+def to_input(images: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """A batch in the memory format the model was put in (channels_last or not)."""
+    return images.contiguous(memory_format=torch.channels_last) if cfg.channels_last else images
