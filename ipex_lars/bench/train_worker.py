@@ -28,8 +28,9 @@ def measure(spec: dict) -> dict:
     from ipex_lars.data import BatchPlan, epoch_batches
     from ipex_lars.data.sources import synthetic
     from ipex_lars.train.config import TrainConfig
-    from ipex_lars.train.engine import build_model, init_distributed, train_step, wrap_model
+    from ipex_lars.train.engine import train_step
     from ipex_lars.train.metrics import PHASES
+    from ipex_lars.train.parts import build_model, init_distributed, wrap_model
 
     image_size, num_classes = MODEL_INPUTS[spec["model"]]
     image_size = spec.get("image_size") or image_size

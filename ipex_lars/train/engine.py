@@ -1,4 +1,6 @@
-"""The training loop: data, model, LARS, schedule, checkpoints. Read it top to bottom.
+"""The training loop. Read it top to bottom: ``train`` sets a ``Run`` up, runs
+``train_one_epoch`` until the last step, saves checkpoints when ``CheckpointPolicy`` says,
+and ends; ``train_step`` is one optimizer step.
 
 One optimizer step = ``accum_steps`` micro-batches on each of ``world_size`` ranks,
 ``global_batch`` images in all. The sample order comes from ``BatchPlan`` (seed,
@@ -12,8 +14,11 @@ import random
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,13 +26,13 @@ from torch import nn
 
 import ipex_lars.distributed as ild
 from ipex_lars.data import BatchPlan, build_datasets, epoch_batches, write_skipped
-from ipex_lars.models import create_model
-from ipex_lars.optim import LARS, WarmupPolyLR, lars_param_groups
+from ipex_lars.optim import WarmupPolyLR
 from ipex_lars.train import checkpoint, precision, resume
 from ipex_lars.train.config import TrainConfig
 from ipex_lars.train.evaluate import average_buffers, evaluate
 from ipex_lars.train.grad_sync import GradientSync, grads_finite
 from ipex_lars.train.metrics import PHASES, MetricsLog
+from ipex_lars.train.parts import build_model, init_distributed, wrap_model
 from ipex_lars.train.precision import autocast, to_input
 
 
@@ -56,44 +61,119 @@ class _StopRequest:
         print("\n[ipex-lars] stopping after this step to save a checkpoint (Ctrl-C again to abort)", flush=True)
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """LARS (or SGD, the large-batch baseline) with BN and bias excluded from decay."""
-    groups = lars_param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD([{k: v for k, v in g.items() if k != "lars"} for g in groups],
-                               lr=cfg.lr, momentum=cfg.momentum)
-    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient,
-                momentum_style=cfg.momentum_style, impl=cfg.impl)
+@dataclass
+class Run:
+    """One training run as ``setup`` builds it: where it writes, its place in the job, its data,
+    the model (``core``, what checkpoints save, and ``model``, how it runs), and its step."""
+
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    joined: bool  # this process started the process group, so it ends it
+    train_data: Any
+    val_data: Any
+    plan: BatchPlan
+    total_steps: int
+    core: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupPolyLR
+    criterion: nn.Module
+    sync: GradientSync | None
+    step: int = 0
+    resumed_from: Path | None = None
+
+    def log(self, message: str) -> None:
+        _log(self.rank, message)
 
 
-def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The model in its memory format with its optimizer, both through ipex.optimize for backend ipex."""
-    model = create_model(cfg.model, num_classes, in_channels=in_channels)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
-    if cfg.backend == "ipex":
-        model, optimizer = _ipex_optimize(model, optimizer, cfg)
-    return model, optimizer
+@dataclass
+class StepResult:
+    """One optimizer step as ``train_step`` saw it on this rank."""
+
+    loss: float
+    finite: bool  # gradients were finite, so the step was taken
+    skipped_images: int  # unreadable images left out of its micro-batches
+    overlapped_buckets: int = 0  # buckets LARS stepped during backward (overlap_optimizer)
 
 
-def wrap_model(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-               world: int) -> tuple[nn.Module, GradientSync | None]:
-    """How the model runs: compiled for backend compile, and under DDP when there are several ranks."""
-    if cfg.backend == "compile":
-        model = torch.compile(model)
-    if world == 1:
-        return model, None
-    # gradients live in DDP's buckets, where the optimizer reads the averaged values in place. BN running
-    # statistics stay each rank's own (no broadcast from rank 0 before every forward): they are averaged
-    # across ranks before each evaluation and checkpoint instead, which counts every rank's batches.
-    model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, bucket_cap_mb=cfg.bucket_cap_mb,
-                                                broadcast_buffers=False)
-    return model, GradientSync(model, optimizer if cfg.overlap_optimizer else None, cfg.skip_nonfinite)
+@dataclass
+class Tally:
+    """What the run counts over all its steps."""
+
+    skipped_steps: int = 0
+    skipped_images: int = 0
+    overlapped_buckets: int = 0
+    timings: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+
+class CheckpointPolicy:
+    """When to save, and the checkpoint saved last.
+
+    A checkpoint is due every ``every`` steps (0: at the end of every epoch); ``save`` is also
+    called when a stop is asked for and at the end. A step is written once however often it is
+    asked for. Every rank calls ``save``: BN statistics are averaged across ranks first, then
+    rank 0 writes.
+    """
+
+    def __init__(self, every: int, keep: int, step: int, path: Path | None) -> None:
+        self.every, self.keep = every, keep
+        self.saved_step, self.saved_path = step, path
+
+    def due(self, step: int, end_of_epoch: bool) -> bool:
+        return step % self.every == 0 if self.every else end_of_epoch
+
+    def save(self, run: Run) -> Path | None:
+        """This step's checkpoint path (None on ranks other than 0)."""
+        if self.saved_step != run.step:
+            average_buffers(run.core, run.world)
+            if run.rank == 0:
+                state = _state(run.cfg, run.step, run.core, run.optimizer, run.scheduler)
+                self.saved_path = checkpoint.save(run.out, run.step, state, self.keep)
+            self.saved_step = run.step
+        return self.saved_path
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training ``cfg`` describes; return the final metrics."""
+    run = setup(cfg)
+    policy = CheckpointPolicy(run.cfg.checkpoint_every, run.cfg.keep_checkpoints, run.step, run.resumed_from)
+    tally = Tally()
+    metrics = MetricsLog(run.out, resumed_at=run.step) if run.rank == 0 else None  # drops a crashed run's lines
+    progress = _progress(run.rank, run.total_steps, run.step) if run.cfg.progress else None
+    record: dict = {}
+    try:
+        with _StopRequest() as stop:
+            while run.step < run.total_steps:
+                for record, end_of_epoch, stopping in train_one_epoch(run, tally, stop):
+                    _report(record, metrics, progress)
+                    if policy.due(run.step, end_of_epoch):
+                        policy.save(run)
+                    if stopping:  # every rank learns it at the same step
+                        path = policy.save(run)
+                        run.log(f"stopped at step {run.step}: saved {path}; continue with --resume auto")
+                        raise Interrupted(f"signal {stop.signum or 'on another rank'}")
+    finally:
+        if progress:
+            progress.close()
+        if metrics:
+            metrics.close()
+        if skip_log := write_skipped(run.out, run.train_data, run.val_data, rank=run.rank):
+            run.log(f"unreadable images skipped so far are named in {skip_log}")
+    policy.save(run)
+    if "val_top1" not in record:
+        record["val_top1"] = evaluate(run.core, run.val_data, run.cfg, run.rank, run.world)["top1"]
+    finish(run)
+    record.update({"rank": run.rank, "world_size": run.world, "skipped_steps": tally.skipped_steps,
+                   "skipped_images": tally.skipped_images, "steps": run.step, "phase_seconds": tally.timings,
+                   "optimizer_impl": getattr(run.optimizer, "impl", "torch.optim.SGD"),
+                   "overlapped_bucket_steps": tally.overlapped_buckets})
+    return record
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Everything a run needs, resumed from a checkpoint when ``cfg.resume`` asks for one."""
     cfg, precision_note = precision.choose(cfg)
     out = Path(cfg.out_dir)
     _prepare_out_dir(out)
@@ -105,122 +185,79 @@ def train(cfg: TrainConfig) -> dict:
                                           image_size=cfg.image_size, num_classes=cfg.num_classes,
                                           data_dir=cfg.data_dir, max_pixels=cfg.max_image_pixels)
     plan = BatchPlan(len(train_data), cfg.global_batch, cfg.accum_steps, rank, world, cfg.seed)
-    steps_per_epoch = plan.steps_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    schedule_steps = cfg.epochs * plan.steps_per_epoch
+    total_steps = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     in_channels = train_data.images.shape[1] if hasattr(train_data, "images") else 3
-    model, optimizer = build_model(cfg, train_data.num_classes, in_channels)
-    schedule_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), schedule_steps - 1)
+    core, optimizer = build_model(cfg, train_data.num_classes, in_channels)
+    warmup_steps = min(round(cfg.warmup_epochs * plan.steps_per_epoch), schedule_steps - 1)
     scheduler = WarmupPolyLR(optimizer, warmup_steps=warmup_steps, total_steps=schedule_steps,
                              power=cfg.poly_power, end_lr=cfg.end_lr)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     if rank == 0 and (removed := checkpoint.remove_interrupted(out))[0]:
         files, freed = removed
         _log(rank, f"removed {files} temp file(s) of interrupted checkpoint saves from {out}, freeing {freed} bytes"
                    + (f" ({checkpoint.human_size(freed)})" if freed >= 1000 else ""))
-    step, resume_from = 0, None
+    step, resumed_from = 0, None
     if resumed := resume.agree(cfg, out, rank, world):
-        resume_from, state = resumed
-        step = _restore(state, cfg, model, optimizer, scheduler)
+        resumed_from, state = resumed
+        step = _restore(state, cfg, core, optimizer, scheduler)
         del resumed, state  # free the checkpoint's copy of the weights
-        _log(rank, f"resumed from {resume_from} at step {step}")
-    saved_step, saved_path = step, resume_from
-
-    core = model  # what checkpoints save; the wrappers only change how it runs
-    model, sync = wrap_model(model, optimizer, cfg, world)
+        _log(rank, f"resumed from {resumed_from} at step {step}")
+    model, sync = wrap_model(core, optimizer, cfg, world)
     if world == 1 and cfg.overlap_optimizer:
         _log(rank, "--overlap-optimizer has no effect in a single process: there is no allreduce to overlap")
+    return Run(cfg, out, rank, world, joined, train_data, val_data, plan, total_steps, core, model, optimizer,
+               scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), sync, step, resumed_from)
 
-    def save_checkpoint() -> Path | None:
-        """Every rank calls it: BN statistics are averaged across ranks, then rank 0 writes this step's
-        checkpoint, once however often asked; returns its path (None on the other ranks)."""
-        nonlocal saved_step, saved_path
-        if saved_step != step:
-            average_buffers(core, world)
-            if rank == 0:
-                saved_path = checkpoint.save(out, step, _state(cfg, step, core, optimizer, scheduler),
-                                             cfg.keep_checkpoints)
-            saved_step = step
-        return saved_path
 
-    metrics = MetricsLog(out, resumed_at=step) if rank == 0 else None  # a fresh run drops a crashed run's lines
-    timings = dict.fromkeys(PHASES, 0.0)
-    skipped = bad_images = 0
-    batches = None
-    progress = _progress(rank, total_steps, step) if cfg.progress else None
-    result: dict = {}
-    try:
-        with _StopRequest() as stop:
-            while step < total_steps:
-                epoch, in_epoch = divmod(step, steps_per_epoch)
-                if batches is None or in_epoch == 0:
-                    batches = epoch_batches(train_data, plan, epoch, in_epoch, cfg.workers)
-                before, started = dict(timings), time.perf_counter()
-                loss_sum, finite, bad = train_step(model, optimizer, criterion, batches, cfg, timings, sync)
-                seconds = time.perf_counter() - started
-                loss_sum, stopping = _mean_over_ranks(loss_sum, stop.signum is not None, world)
-                bad_images += bad
-                skipped += not finite
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-                scheduler.step()  # the schedule follows iterations, taken or skipped
-                step += 1
-                record = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
-                          "images_per_second": round(cfg.global_batch / seconds, 2),
-                          **{f"{k}_seconds": round(timings[k] - before[k], 5) for k in PHASES},
-                          "skipped_steps": skipped, "skipped_images": bad_images}
-                end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-                if end_of_epoch:
-                    record.update({f"val_{k}": v for k, v in evaluate(core, val_data, cfg, rank, world).items()})
-                    record["phase_seconds"] = {k: round(v, 4) for k, v in timings.items()}
-                if metrics:
-                    metrics.write(record)
-                if progress:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{record['lr']:.3g}",
-                                         **({"val_top1": f"{record['val_top1']:.1f}"} if end_of_epoch else {}))
-                if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                        or (not cfg.checkpoint_every and end_of_epoch)):
-                    save_checkpoint()
-                result = record
-                if stopping:
-                    path = save_checkpoint()
-                    _log(rank, f"stopped at step {step}: saved {path}; continue with --resume auto")
-                    raise Interrupted(f"signal {stop.signum or 'on another rank'}")
-    finally:
-        if progress:
-            progress.close()
-        if metrics:
-            metrics.close()
-        if skip_log := write_skipped(out, train_data, val_data, rank=rank):
-            _log(rank, f"unreadable images skipped so far are named in {skip_log}")
-    save_checkpoint()
-    if "val_top1" not in result:
-        result["val_top1"] = evaluate(core, val_data, cfg, rank, world)["top1"]
-    if joined:  # we started the process group, so we end it: all ranks together, DDP dropped first
-        del model
+def train_one_epoch(run: Run, tally: Tally, stop: _StopRequest) -> Iterator[tuple[dict, bool, bool]]:
+    """The steps from ``run.step`` to the end of its epoch (or of training), each yielding (its
+    metrics record, whether it ended the epoch, whether a rank was asked to stop). The epoch's
+    last record carries the held-out metrics. On a stop the caller saves and ends the run."""
+    steps_per_epoch = run.plan.steps_per_epoch
+    epoch, in_epoch = divmod(run.step, steps_per_epoch)
+    batches = epoch_batches(run.train_data, run.plan, epoch, in_epoch, run.cfg.workers)
+    end = min((epoch + 1) * steps_per_epoch, run.total_steps)
+    while run.step < end:
+        before, started = dict(tally.timings), time.perf_counter()
+        result = train_step(run.model, run.optimizer, run.criterion, batches, run.cfg, tally.timings, run.sync)
+        seconds = time.perf_counter() - started
+        loss, stopping = _mean_over_ranks(result.loss, stop.signum is not None, run.world)
+        tally.skipped_images += result.skipped_images
+        tally.skipped_steps += not result.finite
+        tally.overlapped_buckets += result.overlapped_buckets
+        lr = run.optimizer.param_groups[0]["lr"]  # the rate this step used
+        run.scheduler.step()  # the schedule follows iterations, taken or skipped
+        run.step += 1
+        record = {"step": run.step, "epoch": epoch, "loss": loss, "lr": lr,
+                  "images_per_second": round(run.cfg.global_batch / seconds, 2),
+                  **{f"{k}_seconds": round(tally.timings[k] - before[k], 5) for k in PHASES},
+                  "skipped_steps": tally.skipped_steps, "skipped_images": tally.skipped_images}
+        end_of_epoch = run.step == end
+        if end_of_epoch:
+            held_out = evaluate(run.core, run.val_data, run.cfg, run.rank, run.world)
+            record.update({f"val_{k}": v for k, v in held_out.items()})
+            record["phase_seconds"] = {k: round(v, 4) for k, v in tally.timings.items()}
+        yield record, end_of_epoch, stopping
+
+
+def finish(run: Run) -> None:
+    """End the process group if this run started it: all ranks together, DDP dropped first."""
+    if run.joined:
+        run.model = run.core  # drops DDP
         dist.barrier()
         ild.shutdown()
-    result.update({"rank": rank, "world_size": world, "skipped_steps": skipped, "skipped_images": bad_images,
-                   "steps": step, "phase_seconds": timings,
-                   "optimizer_impl": getattr(optimizer, "impl", "torch.optim.SGD"),
-                   "overlapped_bucket_steps": sync.stepped_buckets if sync else 0})
-    return result
 
 
 def train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: dict,
-               sync: GradientSync | None) -> tuple[float, bool, int]:
-    """One optimizer step over this rank's next ``accum_steps`` micro-batches; adds each phase's seconds to
-    ``timings``.
-
-    Returns (loss, gradients finite, unreadable images skipped).
-    """
+               sync: GradientSync | None) -> StepResult:
+    """One optimizer step over this rank's next ``accum_steps`` micro-batches; adds each phase's
+    seconds to ``timings``."""
     loss_sum, bad = 0.0, 0
+    report = None
     for j in range(cfg.accum_steps):
         t0 = time.perf_counter()
         images, y, skipped = next(batches)
@@ -237,16 +274,18 @@ def train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: 
             loss.backward()
         t3 = time.perf_counter()
         # backward computes until the last bucket goes to allreduce; the rest is communication it did not hide
-        handoff = min(max(sync.last_handoff, t2), t3) if reduce else t3
+        if reduce:
+            report = sync.report()
+        handoff = min(max(report.handoff, t2), t3) if reduce else t3
         loss_sum += loss.item()
         timings["data"] += t1 - t0
         timings["forward"] += t2 - t1
         timings["backward"] += handoff - t2
         timings["allreduce"] += t3 - handoff
     t0 = time.perf_counter()
-    if sync is not None and sync.optimizer is not None:  # each bucket was stepped after its allreduce
-        finite = sync.skipped_buckets == 0
-        sync.skipped_buckets = 0
+    overlapped = report is not None and sync.optimizer is not None
+    if overlapped:  # each bucket was stepped after its allreduce
+        finite = report.skipped_buckets == 0
     else:
         finite = not cfg.skip_nonfinite or grads_finite(
             [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
@@ -254,18 +293,17 @@ def train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: 
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     timings["optimizer"] += time.perf_counter() - t0
-    return loss_sum, finite, bad
+    return StepResult(loss_sum, finite, bad, report.stepped_buckets if overlapped else 0)
 
 
-def _ipex_optimize(model: nn.Module, optimizer, cfg: TrainConfig):
-    """IPEX's graph and weight-layout optimisations (and, for bf16, its fp32 master weights)."""
-    try:
-        import intel_extension_for_pytorch as ipex
-    except ImportError:
-        raise ValueError("backend ipex needs Intel Extension for PyTorch: use the ipex stack "
-                         "(env/setup.sh ipex, .venv-ipex) or --backend native") from None
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    return ipex.optimize(model, optimizer=optimizer, dtype=dtype)
+def _report(record: dict, metrics: MetricsLog | None, progress) -> None:
+    """Rank 0's record to the metrics file and the progress bar."""
+    if metrics:
+        metrics.write(record)
+    if progress:
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}",
+                             **({"val_top1": f"{record['val_top1']:.1f}"} if "val_top1" in record else {}))
 
 
 def _mean_over_ranks(loss: float, stop: bool, world: int) -> tuple[float, bool]:
@@ -303,18 +341,6 @@ def _prepare_out_dir(out: Path) -> None:
     except OSError as exc:
         raise ValueError(f"out_dir {out} is not writable ({exc.strerror or exc}); pick a writable folder with "
                          "--out-dir") from None
-
-
-def init_distributed(cfg: TrainConfig) -> tuple[int, int, bool]:
-    """Join the job the launcher (torchrun, mpiexec, srun, lars-run) started, on oneCCL when it can.
-
-    Returns (rank, world size, whether this call started the process group)."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if ild.env.detect().world_size == 1:
-        return 0, 1, False
-    ild.init(backend=cfg.dist_backend)
-    return dist.get_rank(), dist.get_world_size(), True
 
 
 def _progress(rank: int, total: int, done: int):

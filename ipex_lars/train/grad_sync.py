@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -30,8 +31,17 @@ def grads_finite(grads: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())) if grads else True
 
 
+@dataclass(frozen=True)
+class SyncReport:
+    """What the hook saw during one optimizer step's reducing backward pass."""
+
+    handoff: float  # perf_counter() when the last bucket went to allreduce
+    skipped_buckets: int  # buckets whose gradients were not finite, left unstepped (overlap only)
+    stepped_buckets: int  # buckets the optimizer updated as their allreduce completed (overlap only)
+
+
 class GradientSync:
-    """The allreduce hook of one DDP model, with the state the engine reads after backward."""
+    """The allreduce hook of one DDP model; ``report()`` after each reducing backward says what it did."""
 
     def __init__(self, model: nn.parallel.DistributedDataParallel, optimizer=None, skip_nonfinite: bool = True):
         if optimizer is not None and not model.gradient_as_bucket_view:
@@ -41,19 +51,25 @@ class GradientSync:
         self.world = self.group.size()
         self.optimizer = optimizer  # set: step each bucket's parameters after its allreduce
         self.skip_nonfinite = skip_nonfinite
-        self.last_handoff = 0.0  # perf_counter() when the last bucket went to allreduce
-        self.skipped_buckets = 0  # buckets whose gradients were not finite, left unstepped
-        self.stepped_buckets = 0  # buckets the optimizer updated from this hook, over the run
+        self._handoff = 0.0
+        self._skipped = self._stepped = 0  # since the last report
         if optimizer is not None:
             self._work: queue.SimpleQueue = queue.SimpleQueue()
             threading.Thread(target=self._step_buckets, name="ipex-lars-bucket-optimizer", daemon=True).start()
         model.register_comm_hook(None, self._hook)
 
+    def report(self) -> SyncReport:
+        """This step's figures, once backward has returned (DDP has then waited for every bucket);
+        the counts start again from zero for the next step."""
+        done = SyncReport(self._handoff, self._skipped, self._stepped)
+        self._skipped = self._stepped = 0
+        return done
+
     def _hook(self, _state, bucket):  # unannotated: DDP rejects string annotations of a hook
         buffer = bucket.buffer()
         buffer.div_(self.world)
         future = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
-        self.last_handoff = time.perf_counter()
+        self._handoff = time.perf_counter()
         if self.optimizer is None:
             return future.then(lambda done: done.value()[0])
         stepped: torch.futures.Future = torch.futures.Future()
@@ -68,10 +84,10 @@ class GradientSync:
             try:
                 done.value()  # raises if the allreduce failed
                 if self.skip_nonfinite and not grads_finite(grads):
-                    self.skipped_buckets += 1
+                    self._skipped += 1
                 else:
                     self.optimizer.step_params(params)
-                    self.stepped_buckets += 1
+                    self._stepped += 1
             except Exception as exc:  # noqa: BLE001 - handed to DDP, which raises it in backward()
                 stepped.set_exception(exc)
             else:
