@@ -264,3 +264,13 @@ def test_a_recipe_whose_optional_package_is_missing_names_the_extra(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "'torchvision'" in err[0] and "pip install 'ipex-lars[data]'" in err[0]
+
+
+def test_warmup_starts_from_warmup_start_lr_and_lars_eps_reaches_the_optimizer(tmp_path):
+    train(_cfg(tmp_path, lr=2.0, warmup_epochs=1.0, warmup_start_lr=0.5, lars_eps=1e-5, max_steps=2,
+               global_batch=512, progress=False))
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs[0] == 0.5 and 0.5 < lrs[1] < 2.0  # the first step runs at the start lr, then it ramps
+    saved = checkpoint.load(sorted(tmp_path.glob("*.pt"))[-1])
+    assert saved["optimizer"]["param_groups"][0]["eps"] == 1e-5

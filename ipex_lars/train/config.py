@@ -48,7 +48,7 @@ def _opt(default, help: str, choices: tuple | None = None, valid: Range | None =
 class TrainConfig:
     """Every setting of a training run. ``ipex-lars train --help`` lists them with these texts."""
 
-    model: str = _opt("digits_cnn", "network", ("digits_cnn", "alexnet_bn", "resnet50"))
+    model: str = _opt("digits_cnn", "network", ("digits_cnn", "alexnet_bn", "alexnet_bn_caffe", "resnet50"))
     data: str = _opt("digits", "dataset", ("digits", "synthetic", "imagefolder"))
     data_dir: str = _opt("", "imagefolder root holding train/CLASS/*.JPEG and val/CLASS/*.JPEG")
     workers: int = _opt(4, "DataLoader worker processes decoding images (imagefolder)", valid=AT_LEAST_0)
@@ -67,7 +67,9 @@ class TrainConfig:
     weight_decay: float = _opt(5e-4, "weight decay (not applied to BN and bias)", valid=AT_LEAST_0)
     trust_coefficient: float = _opt(0.001, "LARS trust coefficient eta", valid=ABOVE_0)
     momentum_style: str = _opt("paper", "LARS momentum form", ("paper", "sgd"))
+    lars_eps: float = _opt(0.0, "LARS epsilon in the trust ratio's denominator", valid=AT_LEAST_0)
     warmup_epochs: float = _opt(2.0, "linear warmup length in epochs", valid=AT_LEAST_0)
+    warmup_start_lr: float = _opt(0.0, "learning rate the linear warmup starts from", valid=AT_LEAST_0)
     poly_power: float = _opt(2.0, "power of the polynomial decay after warmup", valid=ABOVE_0)
     end_lr: float = _opt(0.0, "learning rate at the end of training", valid=AT_LEAST_0)
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", valid=FRACTION)

@@ -194,7 +194,7 @@ def setup(cfg: TrainConfig) -> Run:
     core, optimizer = build_model(cfg, train_data.num_classes, in_channels)
     warmup_steps = min(round(cfg.warmup_epochs * plan.steps_per_epoch), schedule_steps - 1)
     scheduler = WarmupPolyLR(optimizer, warmup_steps=warmup_steps, total_steps=schedule_steps,
-                             power=cfg.poly_power, end_lr=cfg.end_lr)
+                             power=cfg.poly_power, end_lr=cfg.end_lr, warmup_start_lr=cfg.warmup_start_lr)
 
     if rank == 0 and (removed := checkpoint.remove_interrupted(out))[0]:
         files, freed = removed

@@ -33,7 +33,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         return torch.optim.SGD([{k: v for k, v in g.items() if k != "lars"} for g in groups],
                                lr=cfg.lr, momentum=cfg.momentum)
-    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient,
+    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, eps=cfg.lars_eps,
                 momentum_style=cfg.momentum_style, impl=cfg.impl)
 
 

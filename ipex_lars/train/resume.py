@@ -32,7 +32,7 @@ from ipex_lars.train.config import TrainConfig
 
 # Settings that fix the data order and the learning-rate schedule: a resumed run must keep them.
 MUST_MATCH = ("model", "data", "global_batch", "seed", "epochs", "optimizer", "lr", "warmup_epochs",
-              "poly_power", "end_lr", "momentum_style")
+              "warmup_start_lr", "poly_power", "end_lr", "momentum_style")
 
 
 class ResumeRefused(ValueError):
@@ -124,9 +124,11 @@ def _rank0_choice(cfg: TrainConfig, out: Path) -> tuple[Path, dict] | None:
 
 def _check_settings(saved: dict, cfg: TrainConfig) -> None:
     """Refuse a checkpoint made with another data order or learning-rate schedule."""
+    defaults = TrainConfig()  # a checkpoint from before a setting existed was made with its default
     for key in MUST_MATCH:
-        if saved[key] != getattr(cfg, key):
-            raise ValueError(f"cannot resume: the checkpoint was made with {key}={saved[key]!r}, this run has "
+        made_with = saved.get(key, getattr(defaults, key))
+        if made_with != getattr(cfg, key):
+            raise ValueError(f"cannot resume: the checkpoint was made with {key}={made_with!r}, this run has "
                              f"{getattr(cfg, key)!r}; use the same setting or a new --out-dir")
 
 
