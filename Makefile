@@ -2,11 +2,12 @@
 #   make train            set up the default stack and run the main job (digits recipe)
 #   make test             set up the stack and run the test suite
 #   make test STACK=native
+#   make lint             ruff's checks and format check (CI runs them)
 STACK ?= ipex
 VENV  := .venv-$(STACK)
 PY    := $(VENV)/bin/python
 
-.PHONY: setup train test experiment bench-optim bench-comm bench-launch bench-train doctor clean
+.PHONY: setup train test lint experiment bench-optim bench-comm bench-launch bench-train doctor clean
 
 setup:
 	@bash env/setup.sh $(STACK)
@@ -16,6 +17,9 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 experiment: setup
 	$(VENV)/bin/ipex-lars experiment large-batch
