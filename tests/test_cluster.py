@@ -26,6 +26,8 @@ import torch
 from dist_workers import harness
 from dist_workers.harness import oneccl_built  # noqa: F401  (session fixture)
 
+from ipex_lars.bench.local_job import finish
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "dist_workers"
 STEPS = "4"
@@ -79,10 +81,6 @@ def launch(request, cluster, launcher: str, program: list[str]) -> list[subproce
         argvs = [n.command([*lars_run, "--hostfile", str(cluster.hostfile), "--node-rank", str(n.index), *program])
                  for n in cluster.nodes]
     return [subprocess.Popen(a, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a in argvs]
-
-
-def finish(procs: list[subprocess.Popen], timeout: float) -> list[harness.Rank]:
-    return harness._finish(procs, timeout)
 
 
 @pytest.fixture(scope="module")
