@@ -8,6 +8,20 @@ from affinity.cpuset import allowed_cpus, format_cpulist, hex_mask, parse_cpulis
 from affinity.plan import NodePlan, PlacementError, PlanRequest, RankPlan, make_plan, place_memory
 from affinity.topology import Topology, TopologyError, discover, load_topology, parse_lscpu
 
-__all__ = ["allowed_cpus", "format_cpulist", "hex_mask", "parse_cpulist", "NodePlan", "PlacementError",
-           "PlanRequest", "RankPlan", "make_plan", "place_memory", "Topology", "TopologyError", "discover",
-           "load_topology", "parse_lscpu"]
+__all__ = [
+    "allowed_cpus",
+    "format_cpulist",
+    "hex_mask",
+    "parse_cpulist",
+    "NodePlan",
+    "PlacementError",
+    "PlanRequest",
+    "RankPlan",
+    "make_plan",
+    "place_memory",
+    "Topology",
+    "TopologyError",
+    "discover",
+    "load_topology",
+    "parse_lscpu",
+]

@@ -57,8 +57,9 @@ def hex_mask(cpus: Iterable[int]) -> str:
     return hex(mask)
 
 
-def cgroup_cpuset(proc_cgroup: str | Path = "/proc/self/cgroup",
-                  cgroup_root: str | Path = "/sys/fs/cgroup") -> set[int] | None:
+def cgroup_cpuset(
+    proc_cgroup: str | Path = "/proc/self/cgroup", cgroup_root: str | Path = "/sys/fs/cgroup"
+) -> set[int] | None:
     """CPUs granted by this process's cgroup cpuset, or None when no cpuset limit is visible.
 
     Reads cgroup v2 (``cpuset.cpus.effective``) and v1 (``cpuset/.../cpuset.effective_cpus``
@@ -87,8 +88,7 @@ def cgroup_cpuset(proc_cgroup: str | Path = "/proc/self/cgroup",
     return None
 
 
-def allowed_cpus(proc_cgroup: str | Path = "/proc/self/cgroup",
-                 cgroup_root: str | Path = "/sys/fs/cgroup") -> set[int]:
+def allowed_cpus(proc_cgroup: str | Path = "/proc/self/cgroup", cgroup_root: str | Path = "/sys/fs/cgroup") -> set[int]:
     """CPUs this process may run on: the scheduler mask intersected with the cgroup cpuset."""
     cpus = set(os.sched_getaffinity(0))
     limit = cgroup_cpuset(proc_cgroup, cgroup_root)

@@ -29,10 +29,17 @@ from affinity.topology import Topology, TopologyError, discover, load_topology
 
 # Human names of the features we care about, and the /proc/cpuinfo flag behind each.
 FEATURES = {
-    "AVX2": "avx2", "FMA": "fma",
-    "AVX512F": "avx512f", "AVX512BW": "avx512bw", "AVX512VL": "avx512vl", "AVX512DQ": "avx512dq",
-    "AVX512ER": "avx512er", "AVX512PF": "avx512pf",
-    "AVX512_BF16": "avx512_bf16", "AVX_NE_CONVERT": "avx_ne_convert", "AMX_BF16": "amx_bf16",
+    "AVX2": "avx2",
+    "FMA": "fma",
+    "AVX512F": "avx512f",
+    "AVX512BW": "avx512bw",
+    "AVX512VL": "avx512vl",
+    "AVX512DQ": "avx512dq",
+    "AVX512ER": "avx512er",
+    "AVX512PF": "avx512pf",
+    "AVX512_BF16": "avx512_bf16",
+    "AVX_NE_CONVERT": "avx_ne_convert",
+    "AMX_BF16": "amx_bf16",
 }
 AVX512_CORE = ("avx512f", "avx512bw", "avx512vl", "avx512dq")  # what at::vec's AVX512 path needs
 ISAS = ("avx512", "avx2", "default")  # kernel build targets, best first
@@ -167,12 +174,24 @@ class Machine:
     def summary(self) -> dict:
         """A JSON-able report: ISA, bf16 verdict, memory nodes (doctor and --dry-run use it)."""
         return {
-            "source": self.source, "model": self.cpu.model, "features": self.cpu.feature_table(),
-            "kernel_isa": self.cpu.vector_isa, "buildable_isas": self.cpu.isas(),
-            "native_bf16": self.cpu.native_bf16, "bf16": self.cpu.bf16_verdict(),
+            "source": self.source,
+            "model": self.cpu.model,
+            "features": self.cpu.feature_table(),
+            "kernel_isa": self.cpu.vector_isa,
+            "buildable_isas": self.cpu.isas(),
+            "native_bf16": self.cpu.native_bf16,
+            "bf16": self.cpu.bf16_verdict(),
             "ipex_bf16_missing": self.cpu.ipex_bf16_missing(),
-            "memory_nodes": [{"node": m.node, "cpus": format_cpulist(m.cpus), "mem_gib": round(m.mem_kb / 2**20, 1),
-                              "memory_only": m.memory_only, "distance": m.distance} for m in self.memory_nodes],
+            "memory_nodes": [
+                {
+                    "node": m.node,
+                    "cpus": format_cpulist(m.cpus),
+                    "mem_gib": round(m.mem_kb / 2**20, 1),
+                    "memory_only": m.memory_only,
+                    "distance": m.distance,
+                }
+                for m in self.memory_nodes
+            ],
         }
 
 
@@ -180,8 +199,10 @@ def load_machine(path: str | Path) -> Machine:
     """A machine described as data in directory ``path`` (see the module docstring)."""
     root = Path(path)
     if not root.is_dir():
-        raise MachineError(f"machine description {root} is not a directory; make one on the target with "
-                           "`python -m affinity.machine --save DIR`")
+        raise MachineError(
+            f"machine description {root} is not a directory; make one on the target with "
+            "`python -m affinity.machine --save DIR`"
+        )
     try:
         cpu = parse_cpuinfo((root / "cpuinfo").read_text())
     except OSError as exc:
@@ -213,8 +234,9 @@ def save_machine(dest: str | Path) -> Path:
     (dest / "node").mkdir(parents=True, exist_ok=True)
     shutil.copyfile("/proc/cpuinfo", dest / "cpuinfo")
     topo = this_machine().topology
-    (dest / "lscpu").write_text("# CPU,CORE,SOCKET,NODE\n" + "".join(
-        f"{c.cpu},{c.core},{c.socket},{c.node}\n" for c in topo.cpus))
+    (dest / "lscpu").write_text(
+        "# CPU,CORE,SOCKET,NODE\n" + "".join(f"{c.cpu},{c.core},{c.socket},{c.node}\n" for c in topo.cpus)
+    )
     for m in this_machine().memory_nodes:
         d = dest / "node" / f"node{m.node}"
         d.mkdir(exist_ok=True)
@@ -225,10 +247,15 @@ def save_machine(dest: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m affinity.machine",
-                                     description="Describe this machine as data, to plan for it elsewhere.")
-    parser.add_argument("--save", metavar="DIR", required=True,
-                        help="write cpuinfo, lscpu and node/ here (use with lars-run --machine, doctor --machine)")
+    parser = argparse.ArgumentParser(
+        prog="python -m affinity.machine", description="Describe this machine as data, to plan for it elsewhere."
+    )
+    parser.add_argument(
+        "--save",
+        metavar="DIR",
+        required=True,
+        help="write cpuinfo, lscpu and node/ here (use with lars-run --machine, doctor --machine)",
+    )
     args = parser.parse_args(argv)
     try:
         print(f"wrote {save_machine(args.save)}")

@@ -89,11 +89,14 @@ def _select_nodes(topo: Topology, full: Topology, nodes_list: tuple[int, ...] | 
         return topo.nodes
     for n in nodes_list:
         if n not in full.nodes:
-            raise PlacementError(f"NUMA node {n} in --nodes-list does not exist (nodes: "
-                            f"{format_cpulist(full.nodes)}); fix --nodes-list")
+            raise PlacementError(
+                f"NUMA node {n} in --nodes-list does not exist (nodes: {format_cpulist(full.nodes)}); fix --nodes-list"
+            )
         if n not in topo.nodes:
-            raise PlacementError(f"NUMA node {n} in --nodes-list has no CPU this process may use "
-                            f"(allowed: {format_cpulist(topo.cpu_ids)}); pick another node")
+            raise PlacementError(
+                f"NUMA node {n} in --nodes-list has no CPU this process may use "
+                f"(allowed: {format_cpulist(topo.cpu_ids)}); pick another node"
+            )
     return sorted(set(nodes_list))
 
 
@@ -122,8 +125,10 @@ def make_plan(full: Topology, allowed: set[int], req: PlanRequest) -> NodePlan:
     """Plan ``req`` on ``full`` restricted to ``allowed``. Raises PlacementError with the fix."""
     topo = full.restricted(allowed)
     if not topo.cpus:
-        raise PlacementError(f"none of the allowed CPUs ({format_cpulist(allowed) or 'none'}) is in the "
-                        f"topology (CPUs {format_cpulist(full.cpu_ids)}); check --allowed-cpus/--topology")
+        raise PlacementError(
+            f"none of the allowed CPUs ({format_cpulist(allowed) or 'none'}) is in the "
+            f"topology (CPUs {format_cpulist(full.cpu_ids)}); check --allowed-cpus/--topology"
+        )
     notes = list(topo.notes)
     nodes = _select_nodes(topo, full, req.nodes_list)
     node_cores = {n: topo.cores(n) for n in nodes}
@@ -137,8 +142,9 @@ def make_plan(full: Topology, allowed: set[int], req: PlanRequest) -> NodePlan:
     on_siblings = k > 0 and req.logical_cores_for_ccl and not req.use_logical_cores
     if on_siblings and not all(sibling_of.values()):
         on_siblings = False
-        notes.append("no hyper-thread sibling on every core for oneCCL workers; "
-                     "workers get dedicated physical cores instead")
+        notes.append(
+            "no hyper-thread sibling on every core for oneCCL workers; workers get dedicated physical cores instead"
+        )
     dedicated = k if (k > 0 and not on_siblings) else 0
 
     capacity = [len(units[x]) for x in nodes]
@@ -147,43 +153,53 @@ def make_plan(full: Topology, allowed: set[int], req: PlanRequest) -> NodePlan:
     if req.mode == "latency" and ncores is None:
         ncores = max(1, min(LATENCY_CORES, max(capacity) - dedicated))
         if ncores < LATENCY_CORES:
-            notes.append(f"latency mode: {ncores} core(s) per instance, the most one NUMA node allows "
-                         f"(the usual is {LATENCY_CORES})")
+            notes.append(
+                f"latency mode: {ncores} core(s) per instance, the most one NUMA node allows "
+                f"(the usual is {LATENCY_CORES})"
+            )
     if n is None:
         n = max(1, total // (ncores + dedicated)) if req.mode == "latency" and ncores else len(nodes)
     if n < 1 or (ncores is not None and ncores < 1):
         raise PlacementError("--ninstances and --ncores-per-instance must be >= 1")
     if n > total:
-        raise PlacementError(f"{n} instances need at least {n} cores but only {total} allowed "
-                        f"{'CPUs' if req.use_logical_cores else 'physical cores'} are on NUMA node(s) "
-                        f"{format_cpulist(nodes)} ({format_cpulist(u for v in units.values() for u in v)}); "
-                        "lower --ninstances")
+        raise PlacementError(
+            f"{n} instances need at least {n} cores but only {total} allowed "
+            f"{'CPUs' if req.use_logical_cores else 'physical cores'} are on NUMA node(s) "
+            f"{format_cpulist(nodes)} ({format_cpulist(u for v in units.values() for u in v)}); "
+            "lower --ninstances"
+        )
 
     if ncores is None:
         chunk = _auto_chunk(capacity, n)
         if chunk <= dedicated:
-            notes.append(f"oneCCL workers share the last compute core of each rank: {chunk} core(s) per "
-                         f"rank leave none spare for {k} dedicated worker(s)")
+            notes.append(
+                f"oneCCL workers share the last compute core of each rank: {chunk} core(s) per "
+                f"rank leave none spare for {k} dedicated worker(s)"
+            )
             dedicated = 0
     else:
         chunk = ncores + dedicated
     if n * chunk > total:
-        raise PlacementError(f"{n} instances x {chunk} cores need {n * chunk} cores but only {total} are "
-                        f"allowed on NUMA node(s) {format_cpulist(nodes)}; lower --ninstances or "
-                        "--ncores-per-instance (or --ccl-worker-count)")
+        raise PlacementError(
+            f"{n} instances x {chunk} cores need {n * chunk} cores but only {total} are "
+            f"allowed on NUMA node(s) {format_cpulist(nodes)}; lower --ninstances or "
+            "--ncores-per-instance (or --ccl-worker-count)"
+        )
 
     chunks: list[tuple[list[int], list[int]]] = []  # (units, their nodes)
     if sum(c // chunk for c in capacity) >= n:
         for node, count in zip(nodes, _spread([c // chunk for c in capacity], n)):
             for j in range(count):
-                chunks.append((units[node][j * chunk:(j + 1) * chunk], [node]))
+                chunks.append((units[node][j * chunk : (j + 1) * chunk], [node]))
     else:
         flat = [(u, node) for node in nodes for u in units[node]]
         for j in range(n):
-            part = flat[j * chunk:(j + 1) * chunk]
+            part = flat[j * chunk : (j + 1) * chunk]
             chunks.append(([u for u, _ in part], [x for _, x in part]))
-        notes.append(f"ranks span NUMA nodes: {chunk} cores per rank do not fit in one node "
-                     f"(at most {max(capacity)} allowed per node)")
+        notes.append(
+            f"ranks span NUMA nodes: {chunk} cores per rank do not fit in one node "
+            f"(at most {max(capacity)} allowed per node)"
+        )
 
     ranks: list[RankPlan] = []
     for i, (cpus, where) in enumerate(chunks):
@@ -198,18 +214,23 @@ def make_plan(full: Topology, allowed: set[int], req: PlanRequest) -> NodePlan:
         ranks.append(RankPlan(i, tuple(order), tuple(cores), tuple(sorted(set(ccl))), memory_nodes=tuple(order)))
     tpc = max(len(c.threads) for cs in node_cores.values() for c in cs)
     if req.use_logical_cores and chunk % tpc:
-        notes.append(f"ranks may share physical cores: {chunk} logical CPUs per rank is not a multiple of "
-                     f"{tpc} threads per core")
+        notes.append(
+            f"ranks may share physical cores: {chunk} logical CPUs per rank is not a multiple of {tpc} threads per core"
+        )
     used = {c for r in ranks for c in r.cpus}
     idle = [u for node in nodes for u in units[node] if u not in used]
     if idle:
-        why = (f"{n} rank(s) x {chunk} core(s) were asked for" if req.ncores_per_instance or req.mode == "latency"
-               else f"{n} rank(s) of {chunk} core(s) is the largest even split that keeps ranks inside NUMA nodes")
+        why = (
+            f"{n} rank(s) x {chunk} core(s) were asked for"
+            if req.ncores_per_instance or req.mode == "latency"
+            else f"{n} rank(s) of {chunk} core(s) is the largest even split that keeps ranks inside NUMA nodes"
+        )
         notes.append(f"{len(idle)} allowed core(s) left idle ({format_cpulist(idle)}): {why}")
     crowded = [r.local_rank for r in ranks if k and len(r.ccl_worker_cores) < k]
     if crowded and (dedicated or on_siblings):
-        notes.append(f"rank(s) {format_cpulist(crowded)}: fewer free cores than the {k} oneCCL workers; "
-                     "workers share cores")
+        notes.append(
+            f"rank(s) {format_cpulist(crowded)}: fewer free cores than the {k} oneCCL workers; workers share cores"
+        )
     return NodePlan(ranks, full.summary(), format_cpulist(topo.cpu_ids), notes, k)
 
 
@@ -223,30 +244,42 @@ def place_memory(plan: NodePlan, request: str, machine: Machine | None) -> None:
     if request == "ddr":
         return
     if machine is None:
-        raise PlacementError(f"--memory-node {request} needs the machine's memory nodes, which an lscpu file does "
-                        "not list; plan with --machine DIR (`python -m affinity.machine --save DIR` on the target)")
+        raise PlacementError(
+            f"--memory-node {request} needs the machine's memory nodes, which an lscpu file does "
+            "not list; plan with --machine DIR (`python -m affinity.machine --save DIR` on the target)"
+        )
     if request == "hbm":
         hbm = machine.memory_only_nodes()
         if not hbm:
-            why = ("every NUMA node has CPUs (is the memory in cache mode?)" if machine.memory_nodes
-                   else "no NUMA memory nodes are visible")
-            raise PlacementError(f"--memory-node hbm: no HBM/MCDRAM node on {machine.source}: {why}; "
-                            "drop --memory-node or use ddr")
+            why = (
+                "every NUMA node has CPUs (is the memory in cache mode?)"
+                if machine.memory_nodes
+                else "no NUMA memory nodes are visible"
+            )
+            raise PlacementError(
+                f"--memory-node hbm: no HBM/MCDRAM node on {machine.source}: {why}; drop --memory-node or use ddr"
+            )
         targets = [machine.nearest_memory_only(r.numa_node) for r in plan.ranks]
         lost = sorted({r.numa_node for r, t in zip(plan.ranks, targets) if t is None})
         if lost:
-            raise PlacementError(f"--memory-node hbm: CPU node(s) {format_cpulist(lost)} missing from the NUMA node "
-                            f"list of {machine.source}; re-save the machine description")
+            raise PlacementError(
+                f"--memory-node hbm: CPU node(s) {format_cpulist(lost)} missing from the NUMA node "
+                f"list of {machine.source}; re-save the machine description"
+            )
         for m in hbm:
             sharing = targets.count(m.node)
             if sharing > 1:
-                plan.notes.append(f"{sharing} ranks share HBM/MCDRAM node {m.node} ({m.mem_kb / 2**20:.1f} GiB); "
-                                  "what does not fit there spills to DDR")
+                plan.notes.append(
+                    f"{sharing} ranks share HBM/MCDRAM node {m.node} ({m.mem_kb / 2**20:.1f} GiB); "
+                    "what does not fit there spills to DDR"
+                )
     else:
         node = int(request)
         usable = [m.node for m in machine.memory_nodes if m.mem_kb > 0]
         if node not in usable:
-            raise PlacementError(f"--memory-node {node}: no NUMA node {node} with memory on {machine.source} (nodes: "
-                            f"{format_cpulist(usable) or 'none'}); pick one of them, hbm or ddr")
+            raise PlacementError(
+                f"--memory-node {node}: no NUMA node {node} with memory on {machine.source} (nodes: "
+                f"{format_cpulist(usable) or 'none'}); pick one of them, hbm or ddr"
+            )
         targets = [node] * len(plan.ranks)
     plan.ranks = [replace(r, memory_nodes=(t,), memory_policy="preferred") for r, t in zip(plan.ranks, targets)]

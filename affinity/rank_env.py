@@ -46,6 +46,7 @@ def library_dirs() -> list[Path]:
 def find_library(stems: tuple[str, ...], dirs: list[Path] | None = None) -> Path | None:
     """First ``STEM.so`` or ``STEM.so.N...`` found; prefers earlier stems, then earlier dirs,
     then the unversioned name, then the highest version."""
+
     def version(p: Path) -> tuple[int, ...]:
         tail = p.name.split(".so", 1)[1].lstrip(".")
         return tuple(int(x) for x in tail.split(".") if x.isdigit())
@@ -69,8 +70,7 @@ class EnvChoice:
     notes: tuple[str, ...] = ()
 
 
-def resolve(memory_allocator: str = "auto", omp_runtime: str = "auto",
-            dirs: list[Path] | None = None) -> EnvChoice:
+def resolve(memory_allocator: str = "auto", omp_runtime: str = "auto", dirs: list[Path] | None = None) -> EnvChoice:
     """Pick allocator and OpenMP runtime. ``auto`` uses what is installed (tcmalloc, then jemalloc;
     Intel OpenMP if libiomp5 is present); an explicit choice that is missing raises EnvError."""
     notes: list[str] = []
@@ -79,9 +79,11 @@ def resolve(memory_allocator: str = "auto", omp_runtime: str = "auto",
         alloc_lib = find_library(ALLOCATORS[memory_allocator], dirs)
         if alloc_lib is None:
             pkg = "libtcmalloc-minimal4" if memory_allocator == "tcmalloc" else "libjemalloc2"
-            raise EnvError(f"--memory-allocator {memory_allocator}: no {ALLOCATORS[memory_allocator][0]}.so* "
-                           f"found in LD_LIBRARY_PATH or {sys.prefix}/lib or /usr/lib*; install it "
-                           f"(apt-get install {pkg}, or conda install {memory_allocator}) or use auto")
+            raise EnvError(
+                f"--memory-allocator {memory_allocator}: no {ALLOCATORS[memory_allocator][0]}.so* "
+                f"found in LD_LIBRARY_PATH or {sys.prefix}/lib or /usr/lib*; install it "
+                f"(apt-get install {pkg}, or conda install {memory_allocator}) or use auto"
+            )
         alloc = memory_allocator
     elif memory_allocator == "auto":
         for name, stems in ALLOCATORS.items():
@@ -90,18 +92,21 @@ def resolve(memory_allocator: str = "auto", omp_runtime: str = "auto",
                 alloc = name
                 break
         else:
-            notes.append("no tcmalloc/jemalloc found: default allocator (apt-get install libjemalloc2 "
-                         "to enable --memory-allocator jemalloc)")
+            notes.append(
+                "no tcmalloc/jemalloc found: default allocator (apt-get install libjemalloc2 "
+                "to enable --memory-allocator jemalloc)"
+            )
     iomp = find_library(IOMP_STEMS, dirs) if omp_runtime in ("auto", "intel") else None
     if omp_runtime == "intel" and iomp is None:
-        raise EnvError("--omp-runtime intel: libiomp5.so not found in LD_LIBRARY_PATH or "
-                       f"{sys.prefix}/lib; pip install intel-openmp, or use --omp-runtime default")
+        raise EnvError(
+            "--omp-runtime intel: libiomp5.so not found in LD_LIBRARY_PATH or "
+            f"{sys.prefix}/lib; pip install intel-openmp, or use --omp-runtime default"
+        )
     runtime = "intel" if iomp is not None else "default"
     return EnvChoice(alloc, alloc_lib, runtime, iomp, tuple(notes))
 
 
-def rank_env(rank: RankPlan, plan: NodePlan, choice: EnvChoice, *, ccl: bool,
-             latency: bool = False) -> dict[str, str]:
+def rank_env(rank: RankPlan, plan: NodePlan, choice: EnvChoice, *, ccl: bool, latency: bool = False) -> dict[str, str]:
     """Variables that pin one rank's OpenMP threads and (when ``ccl``) its oneCCL workers.
 
     ``CCL_WORKER_AFFINITY`` lists the workers of *all* local ranks in local-rank order, as
@@ -122,8 +127,9 @@ def rank_env(rank: RankPlan, plan: NodePlan, choice: EnvChoice, *, ccl: bool,
     k = plan.ccl_worker_count
     if ccl and k:
         env["CCL_WORKER_COUNT"] = str(k)
-        env["CCL_WORKER_AFFINITY"] = ",".join(str(r.ccl_worker_cores[i % len(r.ccl_worker_cores)])
-                                              for r in plan.ranks for i in range(k))
+        env["CCL_WORKER_AFFINITY"] = ",".join(
+            str(r.ccl_worker_cores[i % len(r.ccl_worker_cores)]) for r in plan.ranks for i in range(k)
+        )
     return env
 
 

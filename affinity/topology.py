@@ -78,17 +78,23 @@ class Topology:
         for c in self.cpus:
             if node is None or c.node == node:
                 groups.setdefault((c.socket, c.core), []).append(c)
-        cores = [Core(key[0], min(x.node for x in grp), tuple(sorted(x.cpu for x in grp)))
-                 for key, grp in groups.items()]
+        cores = [
+            Core(key[0], min(x.node for x in grp), tuple(sorted(x.cpu for x in grp))) for key, grp in groups.items()
+        ]
         return sorted(cores, key=lambda k: k.primary)
 
     def summary(self) -> dict:
         """Counts for reports and ``--dry-run`` output."""
         cores = self.cores()
-        return {"source": self.source, "sockets": len(self.sockets), "numa_nodes": len(self.nodes),
-                "physical_cores": len(cores), "logical_cpus": len(self.cpus),
-                "threads_per_core": max((len(k.threads) for k in cores), default=0),
-                "cpus": format_cpulist(self.cpu_ids)}
+        return {
+            "source": self.source,
+            "sockets": len(self.sockets),
+            "numa_nodes": len(self.nodes),
+            "physical_cores": len(cores),
+            "logical_cpus": len(self.cpus),
+            "threads_per_core": max((len(k.threads) for k in cores), default=0),
+            "cpus": format_cpulist(self.cpu_ids),
+        }
 
 
 def parse_lscpu(text: str, source: str = "lscpu") -> Topology:
@@ -106,8 +112,9 @@ def parse_lscpu(text: str, source: str = "lscpu") -> Topology:
             cpu, core, socket = (int(f) for f in fields[:3])
             node = int(fields[3]) if fields[3] else 0
         except ValueError:
-            raise TopologyError(f"{source} line {lineno}: expected integers CPU,CORE,SOCKET,NODE, "
-                                f"got {line!r}") from None
+            raise TopologyError(
+                f"{source} line {lineno}: expected integers CPU,CORE,SOCKET,NODE, got {line!r}"
+            ) from None
         cpus.append(Cpu(cpu, core, socket, node))
     if not cpus:
         raise TopologyError(f"{source}: no CPU lines; produce it with `lscpu -p=CPU,CORE,SOCKET,NODE`")
@@ -121,8 +128,10 @@ def load_topology(path: str | Path) -> Topology:
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise TopologyError(f"cannot read topology file {path}: {exc.strerror}; "
-                            "create it on the target with `lscpu -p=CPU,CORE,SOCKET,NODE > FILE`") from None
+        raise TopologyError(
+            f"cannot read topology file {path}: {exc.strerror}; "
+            "create it on the target with `lscpu -p=CPU,CORE,SOCKET,NODE > FILE`"
+        ) from None
     return parse_lscpu(text, source=str(path))
 
 
@@ -139,8 +148,7 @@ def from_sysfs(root: str | Path = "/sys/devices/system/cpu") -> Topology | None:
             socket = int((topo / "physical_package_id").read_text())
         except (OSError, ValueError):
             return None
-        node = next((int(m.group(1)) for p in entry.iterdir()
-                     if (m := re.fullmatch(r"node(\d+)", p.name))), 0)
+        node = next((int(m.group(1)) for p in entry.iterdir() if (m := re.fullmatch(r"node(\d+)", p.name))), 0)
         cpus.append(Cpu(int(entry.name[3:]), core, max(socket, 0), node))
     return Topology(sorted(cpus, key=lambda c: c.cpu), "sysfs") if cpus else None
 
@@ -151,8 +159,9 @@ def from_lscpu() -> Topology | None:
     if exe is None:
         return None
     try:
-        out = subprocess.run([exe, "-p=CPU,CORE,SOCKET,NODE"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout
+        out = subprocess.run(
+            [exe, "-p=CPU,CORE,SOCKET,NODE"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
         return parse_lscpu(out, "lscpu")
     except (subprocess.SubprocessError, OSError, TopologyError):
         return None
@@ -164,5 +173,8 @@ def discover() -> Topology:
     if topo is not None:
         return topo
     n = os.cpu_count() or 1
-    return Topology([Cpu(i, i, 0, 0) for i in range(n)], "fallback",
-                    ["topology unknown (no sysfs or lscpu): treating each CPU as a core on NUMA node 0"])
+    return Topology(
+        [Cpu(i, i, 0, 0) for i in range(n)],
+        "fallback",
+        ["topology unknown (no sysfs or lscpu): treating each CPU as a core on NUMA node 0"],
+    )

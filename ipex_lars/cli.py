@@ -19,17 +19,24 @@ COMMANDS = {
 }
 # `ipex-lars experiment NAME`
 EXPERIMENTS = {
-    "large-batch": ("ipex_lars.experiments.large_batch",
-                    "SGD vs LARS on MNIST digits (mnist5k): an lr sweep at one large batch, then growing batch "
-                    "sizes; tables and plots"),
+    "large-batch": (
+        "ipex_lars.experiments.large_batch",
+        "SGD vs LARS on MNIST digits (mnist5k): an lr sweep at one large batch, then growing batch "
+        "sizes; tables and plots",
+    ),
 }
 # `ipex-lars bench NAME`
 BENCHMARKS = {
-    "optimizer": ("ipex_lars.bench.optimizer",
-                  "LARS step time: fused vs foreach vs reference (vs IPEX) vs the memory floor"),
+    "optimizer": (
+        "ipex_lars.bench.optimizer",
+        "LARS step time: fused vs foreach vs reference (vs IPEX) vs the memory floor",
+    ),
     "comm": ("ipex_lars.bench.comm", "allreduce latency/bus bandwidth 1 KB-256 MB and a DDP step: oneccl vs gloo"),
-    "train": ("ipex_lars.bench.train", "training img/s per precision x layout x backend x optimizer x batch, "
-                                        "as ratios to plain PyTorch; per-phase times, memory, --ranks scaling"),
+    "train": (
+        "ipex_lars.bench.train",
+        "training img/s per precision x layout x backend x optimizer x batch, "
+        "as ratios to plain PyTorch; per-phase times, memory, --ranks scaling",
+    ),
     "launch": ("ipex_lars.bench.launch", "2 instances pinned by lars-run vs unpinned, with/without thread caps"),
 }
 
@@ -44,14 +51,21 @@ def _register(subparsers, table: dict[str, tuple[str, str]]) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(  # subcommands inherit it: every usage error is one line, exit 2
         prog="ipex-lars",
-        description="Large-batch training with LARS on Xeon CPUs. Run `ipex-lars COMMAND --help` for details.")
+        description="Large-batch training with LARS on Xeon CPUs. Run `ipex-lars COMMAND --help` for details.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _register(sub, COMMANDS)
-    bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side in one run",
-                           description="Benchmarks. Each prints a table and JSON; see docs/BENCHMARKS.md.")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks that print ratios measured side by side in one run",
+        description="Benchmarks. Each prints a table and JSON; see docs/BENCHMARKS.md.",
+    )
     _register(bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True), BENCHMARKS)
-    experiment = sub.add_parser("experiment", help="experiments that write their evidence to docs/",
-                                description="Experiments. Each writes a table and a plot.")
+    experiment = sub.add_parser(
+        "experiment",
+        help="experiments that write their evidence to docs/",
+        description="Experiments. Each writes a table and a plot.",
+    )
     _register(experiment.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True), EXPERIMENTS)
     return parser
 

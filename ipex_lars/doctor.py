@@ -20,10 +20,13 @@ PACKAGES = ("torch", "torchvision", "intel-extension-for-pytorch", "oneccl-cpu",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--machine", metavar="DIR",
-                        help="report on the machine described in DIR (made there with `python -m affinity.machine "
-                             "--save DIR`) instead of this one: ISA, bf16 verdict, memory nodes, topology; "
-                             "the stack and extensions are not checked")
+    parser.add_argument(
+        "--machine",
+        metavar="DIR",
+        help="report on the machine described in DIR (made there with `python -m affinity.machine "
+        "--save DIR`) instead of this one: ISA, bf16 verdict, memory nodes, topology; "
+        "the stack and extensions are not checked",
+    )
 
 
 def cpu_info(machine: Machine | None = None) -> dict:
@@ -46,8 +49,12 @@ def _topology(machine: Machine) -> dict:
     topo = machine.topology
     allowed = allowed_cpus() if machine is this_machine() else topo.cpu_ids
     usable = topo.restricted(allowed)
-    return {**topo.summary(), "allowed_cpus": format_cpulist(allowed),
-            "usable_physical_cores": len(usable.cores()), "notes": list(topo.notes)}
+    return {
+        **topo.summary(),
+        "allowed_cpus": format_cpulist(allowed),
+        "usable_physical_cores": len(usable.cores()),
+        "notes": list(topo.notes),
+    }
 
 
 def _versions() -> dict:
@@ -84,8 +91,13 @@ def _cpu_problems(cpu: dict) -> list[str]:
 def describe(machine: Machine) -> dict:
     """The report for a machine described as data: CPU and topology only."""
     cpu = cpu_info(machine)
-    return {"machine": machine.source, "cpu": cpu, "topology": _topology(machine), "problems": [],
-            "verdict": f"OK: {cpu['model']}: kernels for {cpu['kernel_isa']}, {cpu['bf16']}"}
+    return {
+        "machine": machine.source,
+        "cpu": cpu,
+        "topology": _topology(machine),
+        "problems": [],
+        "verdict": f"OK: {cpu['model']}: kernels for {cpu['kernel_isa']}, {cpu['bf16']}",
+    }
 
 
 def collect() -> dict:
@@ -96,6 +108,7 @@ def collect() -> dict:
         warnings.simplefilter("ignore")
         try:
             import intel_extension_for_pytorch  # noqa: F401
+
             ipex_loads = True
         except ImportError:
             ipex_loads = False
@@ -112,8 +125,11 @@ def collect() -> dict:
         "extensions": _extensions(),
     }
     problems = _cpu_problems(report["cpu"])
-    problems += [f"extension {name} does not load: {info['error']} (run `ipex-lars build`)"
-                 for name, info in report["extensions"].items() if not info["loads"]]
+    problems += [
+        f"extension {name} does not load: {info['error']} (run `ipex-lars build`)"
+        for name, info in report["extensions"].items()
+        if not info["loads"]
+    ]
     if versions["intel-extension-for-pytorch"] and not ipex_loads:
         problems.append("IPEX is installed but does not import; re-run env/setup.sh ipex")
     for pkg in ("oneccl-cpu", "impi-rt"):
@@ -125,7 +141,8 @@ def collect() -> dict:
         f"{report['stack']} stack, torch {versions['torch']}, "
         + (f"extension(s) {', '.join(failed)} unavailable" if failed else "extensions ready")
         + f", kernels for {report['cpu'].get('kernel_isa', '?')}, {report['cpu']['bf16']}"
-        + (f"; {len(problems)} problem(s) above" if problems else ""))
+        + (f"; {len(problems)} problem(s) above" if problems else "")
+    )
     return report
 
 
@@ -137,22 +154,27 @@ def _print(report: dict) -> None:
         print("versions    " + ", ".join(f"{k} {val or '-'}" for k, val in report["versions"].items()))
     print(f"cpu         {cpu['model']}")
     print("isa         " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in cpu["features"].items()))
-    print(f"kernels     built for {cpu.get('kernel_isa', '?')} (this CPU can run: {', '.join(cpu['buildable_isas'])}; "
-          "override with IPEX_LARS_ISA)")
+    print(
+        f"kernels     built for {cpu.get('kernel_isa', '?')} (this CPU can run: {', '.join(cpu['buildable_isas'])}; "
+        "override with IPEX_LARS_ISA)"
+    )
     print(f"bf16        {cpu['bf16']}; precision auto -> {'bf16' if cpu['native_bf16'] else 'fp32'}")
     if cpu["ipex_bf16_missing"]:
         print(f"ipex bf16   not possible: IPEX's bf16 weight prepack needs {cpu['ipex_bf16_missing'][0]}")
     for node in cpu["memory_nodes"]:
-        where = f"CPUs {node['cpus']}" if node["cpus"] else "no CPUs: HBM/MCDRAM in flat mode (lars-run --memory-node hbm)"
+        where = (
+            f"CPUs {node['cpus']}" if node["cpus"] else "no CPUs: HBM/MCDRAM in flat mode (lars-run --memory-node hbm)"
+        )
         print(f"memory      node {node['node']}: {node['mem_gib']} GiB, {where}")
-    print(f"topology    {topo['sockets']} socket(s), {topo['numa_nodes']} NUMA node(s) with CPUs, "
-          f"{topo['physical_cores']} physical cores, {topo['logical_cpus']} logical CPUs (from {topo['source']})")
+    print(
+        f"topology    {topo['sockets']} socket(s), {topo['numa_nodes']} NUMA node(s) with CPUs, "
+        f"{topo['physical_cores']} physical cores, {topo['logical_cpus']} logical CPUs (from {topo['source']})"
+    )
     print(f"allowed     CPUs {topo['allowed_cpus']} ({topo['usable_physical_cores']} physical cores usable)")
     for note in topo["notes"]:
         print(f"note        {note}")
     if "threads" in report:
-        print(f"threads     torch {report['threads']['torch']}, "
-              f"OMP_NUM_THREADS={report['threads']['OMP_NUM_THREADS']}")
+        print(f"threads     torch {report['threads']['torch']}, OMP_NUM_THREADS={report['threads']['OMP_NUM_THREADS']}")
     for name, info in report.get("extensions", {}).items():
         print(f"extension   {name}: " + ("loads" if info["loads"] else f"FAILS: {info['error']}"))
     for problem in report["problems"]:

@@ -56,17 +56,30 @@ def kernel_isa() -> str:
     if not wanted:
         return cpu.vector_isa
     if wanted not in ISAS:
-        raise ExtensionBuildError(f"IPEX_LARS_ISA={wanted!r} is not one of {', '.join(ISAS)}; unset it to use "
-                                  f"the CPU's best ({cpu.vector_isa})")
+        raise ExtensionBuildError(
+            f"IPEX_LARS_ISA={wanted!r} is not one of {', '.join(ISAS)}; unset it to use "
+            f"the CPU's best ({cpu.vector_isa})"
+        )
     if wanted not in cpu.isas():
-        raise ExtensionBuildError(f"IPEX_LARS_ISA={wanted}: this CPU cannot execute it (it can: "
-                                  f"{', '.join(cpu.isas())}); unset it or pick one of those")
+        raise ExtensionBuildError(
+            f"IPEX_LARS_ISA={wanted}: this CPU cannot execute it (it can: "
+            f"{', '.join(cpu.isas())}); unset it or pick one of those"
+        )
     return wanted
 
 
 _ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mavx2",
+        "-mf16c",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "default": ["-DCPU_CAPABILITY=DEFAULT"],
 }
@@ -95,11 +108,18 @@ def build_dir(spec: ExtensionSpec, isa: str | None = None) -> Path:
     digest = hashlib.sha256()
     for src in spec.sources:
         digest.update((CSRC / src).read_bytes())
-    for flag in (*_cflags(spec, isa), *spec.extra_include_paths, *_ldflags(spec),
-                 sys.implementation.cache_tag, os.environ.get("CXX", "c++")):
+    for flag in (
+        *_cflags(spec, isa),
+        *spec.extra_include_paths,
+        *_ldflags(spec),
+        sys.implementation.cache_tag,
+        os.environ.get("CXX", "c++"),
+    ):
         digest.update(flag.encode())
-    root = Path(os.environ.get("IPEX_LARS_BUILD_DIR") or
-                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ipex-lars" / "ext")
+    root = Path(
+        os.environ.get("IPEX_LARS_BUILD_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ipex-lars" / "ext"
+    )
     return root / f"{spec.name}-torch{torch.__version__}-{isa}-{digest.hexdigest()[:12]}"
 
 
@@ -116,21 +136,24 @@ def _check_toolchain(spec: ExtensionSpec) -> None:
     if shutil.which(cxx) is None:
         raise ExtensionBuildError(
             f"cannot build {spec.name}: no C++ compiler '{cxx}' on PATH. "
-            "Install one (Debian/Ubuntu: apt-get install g++) or set CXX.")
+            "Install one (Debian/Ubuntu: apt-get install g++) or set CXX."
+        )
     if not cpp_extension.is_ninja_available():
         raise ExtensionBuildError(
-            f"cannot build {spec.name}: ninja is missing. Install it: pip install ninja "
-            "(env/setup.sh does this).")
+            f"cannot build {spec.name}: ninja is missing. Install it: pip install ninja (env/setup.sh does this)."
+        )
     python_h = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not python_h.exists():
         raise ExtensionBuildError(
             f"cannot build {spec.name}: Python headers not found ({python_h}). "
-            "Install them (Debian/Ubuntu: apt-get install python3-dev).")
+            "Install them (Debian/Ubuntu: apt-get install python3-dev)."
+        )
     for path in spec.extra_include_paths:
         if not Path(path).is_dir():
             raise ExtensionBuildError(
                 f"cannot build {spec.name}: include directory {path} is missing; needs "
-                f"{', '.join(spec.needs) or 'its dependencies'} (env/setup.sh installs them).")
+                f"{', '.join(spec.needs) or 'its dependencies'} (env/setup.sh installs them)."
+            )
 
 
 def build(spec: ExtensionSpec, verbose: bool = False, isa: str | None = None) -> Path:
@@ -146,8 +169,9 @@ def build(spec: ExtensionSpec, verbose: bool = False, isa: str | None = None) ->
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ExtensionBuildError(f"cannot create the build directory {out}: {exc.strerror}; set "
-                                  "IPEX_LARS_BUILD_DIR to a writable folder") from None
+        raise ExtensionBuildError(
+            f"cannot create the build directory {out}: {exc.strerror}; set IPEX_LARS_BUILD_DIR to a writable folder"
+        ) from None
     try:
         cpp_extension.load(
             name=module_name(spec, isa),
@@ -162,7 +186,8 @@ def build(spec: ExtensionSpec, verbose: bool = False, isa: str | None = None) ->
     except Exception as exc:  # the compiler's own output is in exc
         raise ExtensionBuildError(
             f"building {spec.name} in {out} failed:\n{exc}\n"
-            "Fix the error above, or report it with the output of `ipex-lars doctor`.") from exc
+            "Fix the error above, or report it with the output of `ipex-lars doctor`."
+        ) from exc
     if not lib.exists():
         raise ExtensionBuildError(f"building {spec.name} produced no {lib.name} in {out}")
     return lib
@@ -188,6 +213,7 @@ def _load(spec: ExtensionSpec, isa: str) -> ModuleType:
         module_spec.loader.exec_module(module)
     except ImportError as exc:
         raise ExtensionBuildError(
-            f"{lib} failed to load: {exc}. Remove {lib.parent} and run `ipex-lars build`.") from exc
+            f"{lib} failed to load: {exc}. Remove {lib.parent} and run `ipex-lars build`."
+        ) from exc
     sys.modules[name] = module
     return module

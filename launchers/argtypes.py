@@ -26,6 +26,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def int_range(lo: int, hi: int) -> Callable[[str], int]:
     """Type accepting a whole number from ``lo`` to ``hi`` (both included)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -34,6 +35,7 @@ def int_range(lo: int, hi: int) -> Callable[[str], int]:
         if value is None or not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"expected a whole number from {lo} to {hi}, got {text!r}")
         return value
+
     return parse
 
 
@@ -49,12 +51,14 @@ def float_range(lo: float, hi: float, *, above: bool = False) -> Callable[[str],
         if not (lo < value <= hi if above else lo <= value <= hi):
             raise argparse.ArgumentTypeError(f"expected a number {wanted}, got {text!r}")
         return value
+
     return parse
 
 
 def csv_of(item: Callable[[str], object], what: str) -> Callable[[str], list]:
     """Type accepting a comma-separated list of ``item`` values, none empty; ``what`` describes one
     item in the error (e.g. ``"rank counts from 2 to 256"``)."""
+
     def parse(text: str) -> list:
         parts = text.split(",")
         try:
@@ -63,4 +67,5 @@ def csv_of(item: Callable[[str], object], what: str) -> Callable[[str], list]:
             return [item(p.strip()) for p in parts]
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
     return parse

@@ -35,8 +35,16 @@ GRACE = float_range(0, 3600)
 
 def command(grace: float, *, pmi_abort: bool, usr2_stops: bool = False) -> list[str]:
     """The argv prefix that runs a rank's program under the guard."""
-    return [sys.executable, "-m", "launchers.guard", "--grace-period", f"{grace:g}",
-            *(["--pmi-abort"] if pmi_abort else []), *(["--usr2-stops"] if usr2_stops else []), "--"]
+    return [
+        sys.executable,
+        "-m",
+        "launchers.guard",
+        "--grace-period",
+        f"{grace:g}",
+        *(["--pmi-abort"] if pmi_abort else []),
+        *(["--usr2-stops"] if usr2_stops else []),
+        "--",
+    ]
 
 
 def rank_label() -> str:
@@ -57,13 +65,21 @@ def pmi_abort(code: int) -> None:
 
 def _parser() -> OneLineParser:
     p = OneLineParser(prog="launchers.guard", description="Supervise one rank's program (lars-run starts it).")
-    p.add_argument("--grace-period", type=GRACE, default=DEFAULT_GRACE_S,
-                   help="seconds between the forwarded stop signal and SIGKILL (default 30)")
-    p.add_argument("--pmi-abort", action="store_true",
-                   help="when the program fails on its own, ask hydra to abort the job")
-    p.add_argument("--usr2-stops", action="store_true",
-                   help="(under srun) SIGUSR2 is a stop signal too, and the program starts with SIGUSR2 ignored: "
-                        "srun relays it to every process of the step")
+    p.add_argument(
+        "--grace-period",
+        type=GRACE,
+        default=DEFAULT_GRACE_S,
+        help="seconds between the forwarded stop signal and SIGKILL (default 30)",
+    )
+    p.add_argument(
+        "--pmi-abort", action="store_true", help="when the program fails on its own, ask hydra to abort the job"
+    )
+    p.add_argument(
+        "--usr2-stops",
+        action="store_true",
+        help="(under srun) SIGUSR2 is a stop signal too, and the program starts with SIGUSR2 ignored: "
+        "srun relays it to every process of the step",
+    )
     p.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS]")
     return p
 
@@ -81,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     ignore_usr2 = (lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN)) if args.usr2_stops else None
     with catching(stops) as pending:
         try:
-            proc = subprocess.Popen(program, preexec_fn=child_setup(signal.SIGKILL, own_group=True, then=ignore_usr2),
-                                    pass_fds=(int(fd),) if fd.isdigit() else ())
+            proc = subprocess.Popen(
+                program,
+                preexec_fn=child_setup(signal.SIGKILL, own_group=True, then=ignore_usr2),
+                pass_fds=(int(fd),) if fd.isdigit() else (),
+            )
         except OSError as exc:
             print(f"lars-run: {label}: cannot start {program[0]!r}: {exc.strerror}", file=sys.stderr, flush=True)
             if args.pmi_abort:

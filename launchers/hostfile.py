@@ -10,8 +10,10 @@ import ipaddress
 import re
 from pathlib import Path
 
-_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 
 
 class HostfileError(ValueError):
@@ -33,8 +35,9 @@ def read_hostfile(path: str | Path) -> list[str]:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise HostfileError(f"cannot read hostfile {path}: {reason}; pass a readable text file "
-                            "with one hostname or IP per line") from None
+        raise HostfileError(
+            f"cannot read hostfile {path}: {reason}; pass a readable text file with one hostname or IP per line"
+        ) from None
     hosts: list[str] = []
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -44,11 +47,14 @@ def read_hostfile(path: str | Path) -> list[str]:
         if token.count(":") == 1:  # host:slots (an IPv6 address has several colons)
             token = token.split(":")[0]
         if not is_host(token):
-            raise HostfileError(f"hostfile {path} line {lineno}: {token!r} is not a hostname or IP "
-                                "address; write one host per line")
+            raise HostfileError(
+                f"hostfile {path} line {lineno}: {token!r} is not a hostname or IP address; write one host per line"
+            )
         if token in hosts:
-            raise HostfileError(f"hostfile {path} line {lineno}: {token} is listed twice; list each "
-                                "node once and set ranks per node with --nprocs-per-node")
+            raise HostfileError(
+                f"hostfile {path} line {lineno}: {token} is listed twice; list each "
+                "node once and set ranks per node with --nprocs-per-node"
+            )
         hosts.append(token)
     if not hosts:
         raise HostfileError(f"hostfile {path} lists no hosts; write one hostname or IP per line")

@@ -49,8 +49,10 @@ def master_port(given: int | None, master_addr: str, job: str, derive: bool) -> 
         return port, f"master port {port}: free on {master_addr} when chosen (set --master-port to fix one)"
     lo, hi = PORT_RANGE
     port = lo + int(hashlib.sha256(job.encode()).hexdigest(), 16) % (hi - lo)
-    return port, (f"master port {port}: derived from job id {job} (the master {master_addr} is not this "
-                  "machine, or every node chooses it alike); set --master-port if it is taken")
+    return port, (
+        f"master port {port}: derived from job id {job} (the master {master_addr} is not this "
+        "machine, or every node chooses it alike); set --master-port if it is taken"
+    )
 
 
 def default_job_id() -> str | None:

@@ -42,10 +42,17 @@ class RankLaunch:
     command: list[str]
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "local_rank": self.local_rank, "host": self.host,
-                "numa_node": self.plan.numa_node, "numa_nodes": list(self.plan.numa_nodes),
-                "cores": list(self.plan.cores), "ccl_worker_cores": list(self.plan.ccl_worker_cores),
-                "env": self.env, "command": self.command}
+        return {
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "host": self.host,
+            "numa_node": self.plan.numa_node,
+            "numa_nodes": list(self.plan.numa_nodes),
+            "cores": list(self.plan.cores),
+            "ccl_worker_cores": list(self.plan.ccl_worker_cores),
+            "env": self.env,
+            "command": self.command,
+        }
 
 
 @dataclass
@@ -72,30 +79,42 @@ class Job:
         return rank.plan.memory_policy, rank.plan.memory_nodes
 
     def to_dict(self) -> dict:
-        nodes = [{"node_rank": i, "host": h, "topology": self.node_plan.topology,
-                  "allowed_cpus": self.node_plan.allowed} for i, h in enumerate(self.hosts)]
+        nodes = [
+            {"node_rank": i, "host": h, "topology": self.node_plan.topology, "allowed_cpus": self.node_plan.allowed}
+            for i, h in enumerate(self.hosts)
+        ]
         ranks = []
         for r in self.ranks:
             policy, mem = self.memory(r)
             ranks.append(dict(r.to_dict(), memory_policy=policy, memory_nodes=list(mem) if mem else None))
-        return {"launcher": self.launcher, "binder": self.binder, "command": self.command,
-                "launch_env": self.launch_env, "files": self.files, "nodes": nodes, "ranks": ranks,
-                "notes": self.notes}
+        return {
+            "launcher": self.launcher,
+            "binder": self.binder,
+            "command": self.command,
+            "launch_env": self.launch_env,
+            "files": self.files,
+            "nodes": nodes,
+            "ranks": ranks,
+            "notes": self.notes,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_text(self) -> str:
         """Human-readable plan for ``--dry-run`` without ``--json``."""
-        lines = [f"launcher: {self.launcher}   binder: {self.binder}   hosts: {', '.join(self.hosts)}",
-                 f"{'rank':>4} {'local':>5}  {'host':<16} {'node':>4}  {'cores':<16} {'ccl':<8} "
-                 f"{'memory':<14} command"]
+        lines = [
+            f"launcher: {self.launcher}   binder: {self.binder}   hosts: {', '.join(self.hosts)}",
+            f"{'rank':>4} {'local':>5}  {'host':<16} {'node':>4}  {'cores':<16} {'ccl':<8} {'memory':<14} command",
+        ]
         for r in self.ranks:
             policy, mem = self.memory(r)
             memory = f"{policy} {format_cpulist(mem)}".strip()
-            lines.append(f"{r.rank:>4} {r.local_rank:>5}  {r.host:<16} "
-                         f"{format_cpulist(r.plan.numa_nodes):>4}  {format_cpulist(r.plan.cores):<16} "
-                         f"{format_cpulist(r.plan.ccl_worker_cores) or '-':<8} {memory:<14} {' '.join(r.command)}")
+            lines.append(
+                f"{r.rank:>4} {r.local_rank:>5}  {r.host:<16} "
+                f"{format_cpulist(r.plan.numa_nodes):>4}  {format_cpulist(r.plan.cores):<16} "
+                f"{format_cpulist(r.plan.ccl_worker_cores) or '-':<8} {memory:<14} {' '.join(r.command)}"
+            )
         if self.command:
             lines.append("command: " + shlex.join(self.command))
         lines += [f"note: {n}" for n in self.notes]

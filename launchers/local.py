@@ -27,8 +27,7 @@ BINDERS = ("auto", "numactl", "taskset", "sched", "none")
 
 def _works(cmd: list[str]) -> bool:
     try:
-        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=10).returncode == 0
+        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -58,16 +57,21 @@ def detect_binder(choice: str, rank: RankPlan, path: str | None = None) -> tuple
         if why is None:
             return "numactl", notes
         if choice == "numactl":
-            raise LaunchError(f"--multi-task-manager numactl: numactl {why}; install numactl or use "
-                              "--multi-task-manager auto")
-        notes.append(f"numactl {why}: pinning cores without memory binding (first touch keeps "
-                     "memory local to the pinned threads)")
+            raise LaunchError(
+                f"--multi-task-manager numactl: numactl {why}; install numactl or use --multi-task-manager auto"
+            )
+        notes.append(
+            f"numactl {why}: pinning cores without memory binding (first touch keeps "
+            "memory local to the pinned threads)"
+        )
     exe = shutil.which("taskset", path=path)
     if exe and _works([exe, "-c", format_cpulist(rank.cpus), "true"]):
         return "taskset", notes
     if choice == "taskset":
-        raise LaunchError("--multi-task-manager taskset: taskset is missing or fails here; install "
-                          "util-linux or use --multi-task-manager auto")
+        raise LaunchError(
+            "--multi-task-manager taskset: taskset is missing or fails here; install "
+            "util-linux or use --multi-task-manager auto"
+        )
     return "sched", notes
 
 
@@ -96,8 +100,14 @@ def spawn(rank: RankLaunch, binder: str, log_dir: Path | None) -> subprocess.Pop
     if log_dir is not None:
         out = open(log_dir / f"rank_{rank.rank}.log", "wb")
     try:
-        return subprocess.Popen(rank.command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                start_new_session=True, preexec_fn=child_setup(signal.SIGKILL, then=pin))
+        return subprocess.Popen(
+            rank.command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+            preexec_fn=child_setup(signal.SIGKILL, then=pin),
+        )
     except OSError as exc:
         raise LaunchError(f"cannot start {rank.command[0]!r}: {exc.strerror}; check the program path") from None
     finally:
@@ -105,15 +115,22 @@ def spawn(rank: RankLaunch, binder: str, log_dir: Path | None) -> subprocess.Pop
             out.close()
 
 
-def build(node_plan: NodePlan, choice: EnvChoice, program: list[str], binder: str, *,
-          latency: bool = False) -> Job:
+def build(node_plan: NodePlan, choice: EnvChoice, program: list[str], binder: str, *, latency: bool = False) -> Job:
     """Independent instances on this machine (no ranks talking to each other, so no oneCCL env)."""
-    ranks = [RankLaunch(r.local_rank, r.local_rank, "localhost", r,
-                        rank_env(r, node_plan, choice, ccl=False, latency=latency),
-                        bind_prefix(binder, r) + program)
-             for r in node_plan.ranks]
-    return Job("local", binder, ["localhost"], node_plan, ranks, notes=list(node_plan.notes),
-               binds_memory=binder == "numactl")
+    ranks = [
+        RankLaunch(
+            r.local_rank,
+            r.local_rank,
+            "localhost",
+            r,
+            rank_env(r, node_plan, choice, ccl=False, latency=latency),
+            bind_prefix(binder, r) + program,
+        )
+        for r in node_plan.ranks
+    ]
+    return Job(
+        "local", binder, ["localhost"], node_plan, ranks, notes=list(node_plan.notes), binds_memory=binder == "numactl"
+    )
 
 
 def run(job: Job, log_dir: str | None, grace: float) -> int:
@@ -132,6 +149,7 @@ def run(job: Job, log_dir: str | None, grace: float) -> int:
             raise
         code = JobRun(children, grace, pending).run()
     if logs is not None:
-        print(f"lars-run: {len(children)} process(es) done, logs in {logs}/rank_*.log, exit code {code}",
-              file=sys.stderr)
+        print(
+            f"lars-run: {len(children)} process(es) done, logs in {logs}/rank_*.log, exit code {code}", file=sys.stderr
+        )
     return code

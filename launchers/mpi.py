@@ -52,9 +52,22 @@ def split_env(envs: list[dict[str, str]]) -> tuple[dict[str, str], list[dict[str
     return common, [{k: v for k, v in e.items() if k not in common} for e in envs]
 
 
-def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: EnvChoice, spec: RankSpec, *,
-          master_addr: str, master_port: int, mpiexec: str, hostfile: str, log_dir: str | None = None,
-          bind_memory: bool = False, grace: float, extra_mpi_params: list[str] = ()) -> Job:
+def build(
+    node_plan: NodePlan,
+    hosts: list[str],
+    program: list[str],
+    choice: EnvChoice,
+    spec: RankSpec,
+    *,
+    master_addr: str,
+    master_port: int,
+    mpiexec: str,
+    hostfile: str,
+    log_dir: str | None = None,
+    bind_memory: bool = False,
+    grace: float,
+    extra_mpi_params: list[str] = (),
+) -> Job:
     """``len(hosts) * len(node_plan.ranks)`` ranks, rank = node * nprocs + local, in host order. The
     ranks listed are what ``node_plan`` (this machine's, or the one described) gives every node;
     each node's shim plans its own from ``spec``. ``hostfile``: where lars-run writes the hosts at
@@ -69,27 +82,47 @@ def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: Env
             env.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
             prefix = ["numactl", *memory_options(r)] if bind_memory else []
             ranks.append(RankLaunch(n * per_node + r.local_rank, r.local_rank, host, r, env, prefix + program))
-    common = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "I_MPI_PIN": "0",
-              SPEC_VAR: spec.to_json()}
+    common = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "I_MPI_PIN": "0", SPEC_VAR: spec.to_json()}
     command = [mpiexec, "-np", str(len(hosts) * per_node), "-ppn", str(per_node), "-hostfile", hostfile]
     if log_dir:
         pattern = os.path.join(log_dir, "rank_%r.log")
         command += ["-outfile-pattern", pattern, "-errfile-pattern", pattern]
     for k, v in common.items():
         command += ["-genv", k, v]
-    command += [*extra_mpi_params, *guard.command(grace, pmi_abort=True),
-                sys.executable, "-m", "launchers.rank_exec", "--", *program]
+    command += [
+        *extra_mpi_params,
+        *guard.command(grace, pmi_abort=True),
+        sys.executable,
+        "-m",
+        "launchers.rank_exec",
+        "--",
+        *program,
+    ]
     # hydra starts its proxies by name: its own bin directory must be on PATH
     bindir, path = os.path.dirname(mpiexec), os.environ.get("PATH", "")
     launch_env = {"PATH": bindir + os.pathsep + path} if bindir and bindir not in path.split(os.pathsep) else {}
     if ABORT_SIGNAL not in os.environ:  # a failed rank's guard aborts the job: others get SIGTERM, not SIGKILL
         launch_env[ABORT_SIGNAL] = str(int(signal.SIGTERM))
-    notes = [*node_plan.notes, f"each node plans its own {per_node} rank(s) at launch from its CPUs and cpuset "
-             "(launchers.rank_exec); listed: the plan for this machine" if not spec.allowed else
-             f"each node plans its own {per_node} rank(s) at launch within --allowed-cpus {spec.allowed}",
-             f"hosts written to {hostfile} at launch"]
-    return Job("mpi", "rank_exec (sched_setaffinity)", hosts, node_plan, ranks, command, launch_env, notes,
-               binds_memory=bind_memory, files={hostfile: "".join(f"{h}\n" for h in hosts)})
+    notes = [
+        *node_plan.notes,
+        f"each node plans its own {per_node} rank(s) at launch from its CPUs and cpuset "
+        "(launchers.rank_exec); listed: the plan for this machine"
+        if not spec.allowed
+        else f"each node plans its own {per_node} rank(s) at launch within --allowed-cpus {spec.allowed}",
+        f"hosts written to {hostfile} at launch",
+    ]
+    return Job(
+        "mpi",
+        "rank_exec (sched_setaffinity)",
+        hosts,
+        node_plan,
+        ranks,
+        command,
+        launch_env,
+        notes,
+        binds_memory=bind_memory,
+        files={hostfile: "".join(f"{h}\n" for h in hosts)},
+    )
 
 
 def run_outer(job: Job, log_dir: str | None, grace: float) -> int:
@@ -116,8 +149,9 @@ def _supervise(job: Job, log_dir: str | None, grace: float) -> int:
     env.update(job.launch_env)
     with catching() as pending:
         try:
-            proc = subprocess.Popen(job.command, env=env, start_new_session=True,
-                                    preexec_fn=child_setup(signal.SIGKILL))
+            proc = subprocess.Popen(
+                job.command, env=env, start_new_session=True, preexec_fn=child_setup(signal.SIGKILL)
+            )
         except FileNotFoundError:
             raise LaunchError(f"{job.command[0]} not found; install it or put it on PATH") from None
         translate = to_srun if job.launcher == "slurm" else to_ranks
@@ -131,5 +165,9 @@ def _supervise(job: Job, log_dir: str | None, grace: float) -> int:
 
 def guard_reports(log_dir: Path) -> list[str]:
     """The guards' lines (a rank failed or was killed) from the ranks' logs, which hold their stderr."""
-    return [line for log in sorted(log_dir.glob("rank_*.log"))
-            for line in log.read_text(errors="replace").splitlines() if line.startswith("lars-run: rank ")]
+    return [
+        line
+        for log in sorted(log_dir.glob("rank_*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if line.startswith("lars-run: rank ")
+    ]

@@ -11,7 +11,8 @@ program, so each rank has its own affinity variables before any OpenMP runtime s
   ``LARS_RANK_PREFIXES`` (optional) a JSON list of argv prefixes per local rank (e.g. numactl).
 
 Either way the shim tells oneCCL the local rank and count (``CCL_LOCAL_RANK``/``CCL_LOCAL_SIZE``,
-unless set), which it otherwise guesses from host names. A rank that cannot be planned here exits 2 with one line naming its node and the problem.
+unless set), which it otherwise guesses from host names. A rank that cannot be planned here exits 2
+with one line naming its node and the problem.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def from_spec(local: int, argv: list[str]) -> tuple[dict[str, str], list[str]] |
     except USAGE_ERRORS as exc:
         return f"cannot plan the ranks of node {socket.gethostname()}: {exc}"
     if local >= len(plan.ranks):
-        return (f"node {socket.gethostname()} holds {len(plan.ranks)} rank(s) but local rank {local} was started "
-                "here; ranks per node must match the plan")
+        return (
+            f"node {socket.gethostname()} holds {len(plan.ranks)} rank(s) but local rank {local} was started "
+            "here; ranks per node must match the plan"
+        )
     rank = plan.ranks[local]
     os.sched_setaffinity(0, rank.cpus)  # inherited by the program and all its threads
     env = merge_preload(rank_env(rank, plan, choice, ccl=True), os.environ.get("LD_PRELOAD"))
@@ -58,8 +61,10 @@ def from_env_list(local: int, argv: list[str]) -> tuple[dict[str, str], list[str
     """(variables, argv) for local rank ``local`` from the lists lars-run planned."""
     envs = json.loads(os.environ.pop(ENV_VAR))
     if local >= len(envs):
-        return (f"local rank {local} has no entry in {ENV_VAR} ({len(envs)} planned); ranks per node must match "
-                "--nprocs-per-node")
+        return (
+            f"local rank {local} has no entry in {ENV_VAR} ({len(envs)} planned); ranks per node must match "
+            "--nprocs-per-node"
+        )
     prefixes = json.loads(os.environ.pop(PREFIX_VAR, "[]"))
     return envs[local], (prefixes[local] if prefixes else []) + argv
 
@@ -71,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     local = next((os.environ[v] for v in LOCAL_RANK_VARS if v in os.environ), None)
     if not argv or local is None or not (SPEC_VAR in os.environ or ENV_VAR in os.environ):
-        return _fail(f"needs a program, {SPEC_VAR} or {ENV_VAR}, and one of {', '.join(LOCAL_RANK_VARS)}; "
-                     "it is started by lars-run, not by hand")
+        return _fail(
+            f"needs a program, {SPEC_VAR} or {ENV_VAR}, and one of {', '.join(LOCAL_RANK_VARS)}; "
+            "it is started by lars-run, not by hand"
+        )
     if not local.isdigit():
         return _fail(f"local rank {local!r} is not a number")
     made = from_spec(int(local), argv) if SPEC_VAR in os.environ else from_env_list(int(local), argv)
@@ -82,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(env)
     # oneCCL's slice of CCL_WORKER_AFFINITY: told, not guessed from host names (equal in some containers)
     os.environ.setdefault("CCL_LOCAL_RANK", local)
-    if "CCL_LOCAL_SIZE" not in os.environ and os.environ.get("MPI_LOCALNRANKS", os.environ.get("SLURM_NTASKS_PER_NODE")):
+    if "CCL_LOCAL_SIZE" not in os.environ and os.environ.get(
+        "MPI_LOCALNRANKS", os.environ.get("SLURM_NTASKS_PER_NODE")
+    ):
         os.environ["CCL_LOCAL_SIZE"] = os.environ.get("MPI_LOCALNRANKS") or os.environ["SLURM_NTASKS_PER_NODE"]
     try:
         os.execvp(argv[0], argv)

@@ -40,8 +40,7 @@ class RankSpec:
         req = dict(raw["request"])
         if req.get("nodes_list") is not None:
             req["nodes_list"] = tuple(req["nodes_list"])
-        return cls(PlanRequest(**req), raw["allowed"], raw["memory_allocator"], raw["omp_runtime"],
-                   raw["memory_node"])
+        return cls(PlanRequest(**req), raw["allowed"], raw["memory_allocator"], raw["omp_runtime"], raw["memory_node"])
 
 
 def plan_here(spec: RankSpec) -> tuple[NodePlan, EnvChoice]:
@@ -51,8 +50,10 @@ def plan_here(spec: RankSpec) -> tuple[NodePlan, EnvChoice]:
     if spec.allowed is not None:
         wanted = parse_cpulist(spec.allowed)
         if not wanted <= allowed:
-            raise PlacementError(f"--allowed-cpus {spec.allowed} includes CPUs this node may not use (allowed here: "
-                            f"{format_cpulist(allowed)})")
+            raise PlacementError(
+                f"--allowed-cpus {spec.allowed} includes CPUs this node may not use (allowed here: "
+                f"{format_cpulist(allowed)})"
+            )
         allowed = wanted
     plan = make_plan(machine.topology, allowed, spec.request)
     if spec.memory_node is not None:

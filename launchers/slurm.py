@@ -22,9 +22,19 @@ from launchers.mpi import split_env
 from launchers.rank_exec import ENV_VAR, PREFIX_VAR
 
 
-def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: EnvChoice, *,
-          master_addr: str | None, master_port: int | None, nodefile: str | None, log_dir: str | None = None,
-          bind_memory: bool = False, grace: float) -> Job:
+def build(
+    node_plan: NodePlan,
+    hosts: list[str],
+    program: list[str],
+    choice: EnvChoice,
+    *,
+    master_addr: str | None,
+    master_port: int | None,
+    nodefile: str | None,
+    log_dir: str | None = None,
+    bind_memory: bool = False,
+    grace: float,
+) -> Job:
     """``master_addr``/``master_port``: passed to the ranks only when given (None: each rank derives
     them from Slurm, the step's first node and the job id, see ipex_lars.distributed.env);
     ``nodefile``: pass the hosts to srun in this file (written at launch; they came from a hostfile)
@@ -39,30 +49,60 @@ def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: Env
         for r in node_plan.ranks:
             env = merge_preload(rank_env(r, node_plan, choice, ccl=True), os.environ.get("LD_PRELOAD"))
             env.update(given)
-            ranks.append(RankLaunch(n * per_node + r.local_rank, r.local_rank, host, r, env,
-                                    prefixes[r.local_rank] + program))
+            ranks.append(
+                RankLaunch(n * per_node + r.local_rank, r.local_rank, host, r, env, prefixes[r.local_rank] + program)
+            )
     common, own = split_env([r.env for r in ranks])
     masks = ",".join(hex_mask(r.cpus) for r in node_plan.ranks)
-    command = ["srun", f"--nodes={len(hosts)}", f"--ntasks-per-node={per_node}", f"--ntasks={len(ranks)}",
-               f"--cpus-per-task={max(len(r.cpus) for r in node_plan.ranks)}", f"--cpu-bind=mask_cpu:{masks}",
-               "--kill-on-bad-exit=1"]
+    command = [
+        "srun",
+        f"--nodes={len(hosts)}",
+        f"--ntasks-per-node={per_node}",
+        f"--ntasks={len(ranks)}",
+        f"--cpus-per-task={max(len(r.cpus) for r in node_plan.ranks)}",
+        f"--cpu-bind=mask_cpu:{masks}",
+        "--kill-on-bad-exit=1",
+    ]
     if log_dir:
-        command += [f"--output={os.path.join(log_dir, 'rank_%t.log')}", f"--error={os.path.join(log_dir, 'rank_%t.log')}"]
+        command += [
+            f"--output={os.path.join(log_dir, 'rank_%t.log')}",
+            f"--error={os.path.join(log_dir, 'rank_%t.log')}",
+        ]
     files = {}
     if nodefile:
         command.append(f"--nodefile={nodefile}")
         files[nodefile] = "".join(f"{h}\n" for h in hosts)
-    command += [*guard.command(grace, pmi_abort=False, usr2_stops=True), sys.executable, "-m", "launchers.rank_exec", "--", *program]
+    command += [
+        *guard.command(grace, pmi_abort=False, usr2_stops=True),
+        sys.executable,
+        "-m",
+        "launchers.rank_exec",
+        "--",
+        *program,
+    ]
     launch_env = dict(common, **{ENV_VAR: json.dumps(own[:per_node])})
     if bind_memory:
         launch_env[PREFIX_VAR] = json.dumps(prefixes)
     notes = list(node_plan.notes)
     if len(given) < 2:
-        notes.append("MASTER_ADDR/MASTER_PORT not set by lars-run: each rank derives them from Slurm (the step's "
-                     "first node; port 20000 + job id % 20000)" if not given else
-                     f"{', '.join(given)} as given; the rest derived by each rank from Slurm")
-    return Job("slurm", "srun --cpu-bind", hosts, node_plan, ranks, command, launch_env, notes,
-               binds_memory=bind_memory, files=files)
+        notes.append(
+            "MASTER_ADDR/MASTER_PORT not set by lars-run: each rank derives them from Slurm (the step's "
+            "first node; port 20000 + job id % 20000)"
+            if not given
+            else f"{', '.join(given)} as given; the rest derived by each rank from Slurm"
+        )
+    return Job(
+        "slurm",
+        "srun --cpu-bind",
+        hosts,
+        node_plan,
+        ranks,
+        command,
+        launch_env,
+        notes,
+        binds_memory=bind_memory,
+        files=files,
+    )
 
 
 def sbatch_script(job: Job, argv: list[str]) -> str:
@@ -71,16 +111,20 @@ def sbatch_script(job: Job, argv: list[str]) -> str:
     per_node = len(job.node_plan.ranks)
     cpus = max(len(r.cpus) for r in job.node_plan.ranks)
     rerun = [a for a in argv if a != "--print-sbatch"]
-    return "\n".join([
-        "#!/bin/bash",
-        "# written by lars-run --print-sbatch; submit with: sbatch THIS_FILE",
-        "#SBATCH --job-name=lars-run",
-        f"#SBATCH --nodes={len(job.hosts)}",
-        f"#SBATCH --ntasks-per-node={per_node}",
-        f"#SBATCH --cpus-per-task={cpus}",
-        "#SBATCH --output=lars-run-%j.out",
-        f"# ranks per node and CPUs per task as planned from {job.node_plan.topology.get('source', 'this machine')}; "
-        "every compute node must hold them",
-        "set -euo pipefail",
-        "exec " + shlex.join([sys.executable, "-m", "launchers", *rerun]),
-        ""])
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            "# written by lars-run --print-sbatch; submit with: sbatch THIS_FILE",
+            "#SBATCH --job-name=lars-run",
+            f"#SBATCH --nodes={len(job.hosts)}",
+            f"#SBATCH --ntasks-per-node={per_node}",
+            f"#SBATCH --cpus-per-task={cpus}",
+            "#SBATCH --output=lars-run-%j.out",
+            "# ranks per node and CPUs per task as planned from "
+            f"{job.node_plan.topology.get('source', 'this machine')}; "
+            "every compute node must hold them",
+            "set -euo pipefail",
+            "exec " + shlex.join([sys.executable, "-m", "launchers", *rerun]),
+            "",
+        ]
+    )

@@ -71,7 +71,7 @@ def members(*, sid: int | None = None, pgid: int | None = None) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        state, _ppid, group, session = stat[stat.rindex(")") + 2:].split()[:4]
+        state, _ppid, group, session = stat[stat.rindex(")") + 2 :].split()[:4]
         if state != "Z" and (int(session) == sid or int(group) == pgid):
             found.append(int(entry))
     return found
@@ -96,8 +96,9 @@ def kill_all(*, sid: int | None = None, pgid: int | None = None) -> int:
     return len(killed)
 
 
-def child_setup(deathsig: int, *, own_group: bool = False,
-                then: Callable[[], None] | None = None) -> Callable[[], None]:
+def child_setup(
+    deathsig: int, *, own_group: bool = False, then: Callable[[], None] | None = None
+) -> Callable[[], None]:
     """``preexec_fn`` for a supervised child: it gets ``deathsig`` when its supervisor dies (even by
     SIGKILL), optionally leads a new process group, then runs ``then`` (e.g. pinning)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -111,6 +112,7 @@ def child_setup(deathsig: int, *, own_group: bool = False,
             os.kill(os.getpid(), deathsig)
         if then is not None:
             then()
+
     return setup
 
 
@@ -172,12 +174,19 @@ class JobRun:
     when mpiexec is gone, e.g. after Ctrl-C twice.
     """
 
-    def __init__(self, children: list[Child], grace: float, pending: list[int], *,
-                 translate: Callable[[int], int] = to_ranks, outermost: bool = True) -> None:
+    def __init__(
+        self,
+        children: list[Child],
+        grace: float,
+        pending: list[int],
+        *,
+        translate: Callable[[int], int] = to_ranks,
+        outermost: bool = True,
+    ) -> None:
         self.children, self.grace, self.pending = children, grace, pending
         self.translate, self.outermost = translate, outermost
-        self.signum: int | None = None      # first stop signal received
-        self.failed: Child | None = None    # first child that failed on its own
+        self.signum: int | None = None  # first stop signal received
+        self.failed: Child | None = None  # first child that failed on its own
         self.deadline: float | None = None  # end of the grace period, once stopping
         self.killed = False
 

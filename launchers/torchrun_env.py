@@ -15,8 +15,16 @@ from launchers.job import Job, RankLaunch
 from launchers.local import bind_prefix
 
 
-def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: EnvChoice, binder: str, *,
-          master_addr: str, master_port: int) -> Job:
+def build(
+    node_plan: NodePlan,
+    hosts: list[str],
+    program: list[str],
+    choice: EnvChoice,
+    binder: str,
+    *,
+    master_addr: str,
+    master_port: int,
+) -> Job:
     """Ranks of every node (the dry run shows them all); :func:`this_node` selects what to spawn."""
     per_node = len(node_plan.ranks)
     world = per_node * len(hosts)
@@ -25,18 +33,24 @@ def build(node_plan: NodePlan, hosts: list[str], program: list[str], choice: Env
         for r in node_plan.ranks:
             rank = n * per_node + r.local_rank
             env = rank_env(r, node_plan, choice, ccl=True)
-            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(r.local_rank),
-                       LOCAL_WORLD_SIZE=str(per_node), GROUP_RANK=str(n), MASTER_ADDR=master_addr,
-                       MASTER_PORT=str(master_port), CCL_LOCAL_RANK=str(r.local_rank),
-                       CCL_LOCAL_SIZE=str(per_node))
-            ranks.append(RankLaunch(rank, r.local_rank, host, r, env,
-                                    bind_prefix(binder, r) + program))
-    return Job("torchrun-env", binder, hosts, node_plan, ranks, notes=list(node_plan.notes),
-               binds_memory=binder == "numactl")
+            env.update(
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(r.local_rank),
+                LOCAL_WORLD_SIZE=str(per_node),
+                GROUP_RANK=str(n),
+                MASTER_ADDR=master_addr,
+                MASTER_PORT=str(master_port),
+                CCL_LOCAL_RANK=str(r.local_rank),
+                CCL_LOCAL_SIZE=str(per_node),
+            )
+            ranks.append(RankLaunch(rank, r.local_rank, host, r, env, bind_prefix(binder, r) + program))
+    return Job(
+        "torchrun-env", binder, hosts, node_plan, ranks, notes=list(node_plan.notes), binds_memory=binder == "numactl"
+    )
 
 
 def this_node(job: Job, node_rank: int) -> Job:
     """The same job restricted to the ranks of node ``node_rank`` (what this machine spawns)."""
     host = job.hosts[node_rank]
     return replace(job, ranks=[r for r in job.ranks if r.host == host])
-

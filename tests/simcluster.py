@@ -10,7 +10,8 @@ what multi-node code gets wrong.
 
 ``bootstrap_exec`` is a script ``HOST CMD...`` running CMD inside HOST's namespace, for hydra
 (``I_MPI_HYDRA_BOOTSTRAP=rsh``); with ``ILC_CPUS_<host>=<cpus>`` in its environment, HOST's
-processes may use only those CPUs, as on a smaller node or under a cgroup cpuset. Everything is removed by :meth:`Cluster.teardown`, and
+processes may use only those CPUs, as on a smaller node or under a cgroup cpuset. Everything is removed
+by :meth:`Cluster.teardown`, and
 :func:`clean_stale` removes what an earlier, killed run left behind.
 """
 
@@ -47,8 +48,19 @@ class Node:
         """``argv`` run inside this node's network namespace, under this node's host name (a UTS
         namespace of its own); the mount namespace is left alone, so /sys/fs/cgroup stays visible:
         what slurmd needs, unlike ``ip netns exec``. The process keeps the pid of the command."""
-        return ["nsenter", f"--net=/run/netns/{self.ns}", "--", "unshare", "--uts", "--", "/bin/sh", "-c",
-                'hostname "$0" && exec "$@"', self.host, *argv]
+        return [
+            "nsenter",
+            f"--net=/run/netns/{self.ns}",
+            "--",
+            "unshare",
+            "--uts",
+            "--",
+            "/bin/sh",
+            "-c",
+            'hostname "$0" && exec "$@"',
+            self.host,
+            *argv,
+        ]
 
 
 @dataclass

@@ -96,19 +96,35 @@ def start(cluster: Cluster, timeout: float = 60) -> Slurm:
     key.chmod(0o600)
     slurm = Slurm(cluster, root)
     _write_conf(cluster, root, len(os.sched_getaffinity(0)))
-    subprocess.run([_exe("munged"), "--force", f"--socket={root}/munge.socket", f"--key-file={key}",
-                    f"--pid-file={root}/munged.pid", f"--log-file={root}/munged.log", f"--seed-file={root}/munge.seed"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            _exe("munged"),
+            "--force",
+            f"--socket={root}/munge.socket",
+            f"--key-file={key}",
+            f"--pid-file={root}/munged.pid",
+            f"--log-file={root}/munged.log",
+            f"--seed-file={root}/munge.seed",
+        ],
+        check=True,
+        capture_output=True,
+    )
     env = dict(os.environ, SLURM_CONF=str(slurm.conf))
     log = open(root / "daemons.out", "ab")
     head = cluster.nodes[0]
     # slurmctld runs only on a host whose name is SlurmctldHost: node commands run under the node's name
-    slurm.procs.append(subprocess.Popen(head.command([_exe("slurmctld"), "-D", "-i", "-f", str(slurm.conf)]),
-                                        env=env, stdout=log, stderr=log))
+    slurm.procs.append(
+        subprocess.Popen(
+            head.command([_exe("slurmctld"), "-D", "-i", "-f", str(slurm.conf)]), env=env, stdout=log, stderr=log
+        )
+    )
     for n in cluster.nodes:
         (root / f"spool-{n.host}").mkdir(exist_ok=True)
-        slurm.procs.append(subprocess.Popen(n.command([_exe("slurmd"), "-D", "-N", n.host, "-f", str(slurm.conf)]),
-                                            env=env, stdout=log, stderr=log))
+        slurm.procs.append(
+            subprocess.Popen(
+                n.command([_exe("slurmd"), "-D", "-N", n.host, "-f", str(slurm.conf)]), env=env, stdout=log, stderr=log
+            )
+        )
     deadline = time.monotonic() + timeout
     state = ""
     while time.monotonic() < deadline:
@@ -116,11 +132,15 @@ def start(cluster: Cluster, timeout: float = 60) -> Slurm:
         if dead:
             slurm.stop()
             raise RuntimeError(f"a Slurm daemon exited: {dead}; see {root}")
-        res = subprocess.run(head.command(["sinfo", "-h", "-N", "-o", "%N %t"]), env=env, capture_output=True,
-                             text=True)
+        res = subprocess.run(
+            head.command(["sinfo", "-h", "-N", "-o", "%N %t"]), env=env, capture_output=True, text=True
+        )
         state = res.stdout.strip()
-        if res.returncode == 0 and len(state.splitlines()) == len(cluster.nodes) and \
-                all(line.split()[1] == "idle" for line in state.splitlines()):
+        if (
+            res.returncode == 0
+            and len(state.splitlines()) == len(cluster.nodes)
+            and all(line.split()[1] == "idle" for line in state.splitlines())
+        ):
             return slurm
         time.sleep(0.5)
     slurm.stop()

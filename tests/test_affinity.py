@@ -34,12 +34,16 @@ def plan(name: str, allowed: set[int] | None = None, **kw):
 
 
 def test_importing_affinity_and_launcher_does_not_import_torch():
-    code = ("import sys, affinity, affinity.rank_env, affinity.plan, affinity.topology, launchers.cli; "
-            "sys.exit('torch' in sys.modules)")
+    code = (
+        "import sys, affinity, affinity.rank_env, affinity.plan, affinity.topology, launchers.cli; "
+        "sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-@pytest.mark.parametrize("text,cpus", [("0-3,8", {0, 1, 2, 3, 8}), ("5", {5}), ("0-1,4-5\n", {0, 1, 4, 5}), ("", set())])
+@pytest.mark.parametrize(
+    "text,cpus", [("0-3,8", {0, 1, 2, 3, 8}), ("5", {5}), ("0-1,4-5\n", {0, 1, 4, 5}), ("", set())]
+)
 def test_cpulist_round_trip(text, cpus):
     assert parse_cpulist(text) == cpus
     assert parse_cpulist(format_cpulist(cpus)) == cpus
@@ -56,15 +60,28 @@ def test_hex_mask_sets_one_bit_per_cpu():
     assert hex_mask([4, 5, 6, 7, 11]) == "0x8f0"
 
 
-@pytest.mark.parametrize("name,sockets,nodes,cores,cpus,tpc", [
-    ("1s4c_noht", 1, 1, 4, 4, 1), ("1s4c_nonuma", 1, 1, 4, 4, 1), ("2s4c_noht", 2, 2, 8, 8, 1),
-    ("2s4c_ht_physfirst", 2, 2, 8, 16, 2), ("2s4c_ht_pernode", 2, 2, 8, 16, 2),
-    ("2s4c_ht_adjacent", 2, 2, 8, 16, 2), ("4s4c_ht_physfirst", 4, 4, 16, 32, 2),
-    ("2s8c_snc2_ht", 2, 4, 16, 32, 2)])
+@pytest.mark.parametrize(
+    "name,sockets,nodes,cores,cpus,tpc",
+    [
+        ("1s4c_noht", 1, 1, 4, 4, 1),
+        ("1s4c_nonuma", 1, 1, 4, 4, 1),
+        ("2s4c_noht", 2, 2, 8, 8, 1),
+        ("2s4c_ht_physfirst", 2, 2, 8, 16, 2),
+        ("2s4c_ht_pernode", 2, 2, 8, 16, 2),
+        ("2s4c_ht_adjacent", 2, 2, 8, 16, 2),
+        ("4s4c_ht_physfirst", 4, 4, 16, 32, 2),
+        ("2s8c_snc2_ht", 2, 4, 16, 32, 2),
+    ],
+)
 def test_fixture_topologies_parse(name, sockets, nodes, cores, cpus, tpc):
     s = topo(name).summary()
-    assert (s["sockets"], s["numa_nodes"], s["physical_cores"], s["logical_cpus"], s["threads_per_core"]) == \
-        (sockets, nodes, cores, cpus, tpc)
+    assert (s["sockets"], s["numa_nodes"], s["physical_cores"], s["logical_cpus"], s["threads_per_core"]) == (
+        sockets,
+        nodes,
+        cores,
+        cpus,
+        tpc,
+    )
 
 
 @pytest.mark.parametrize("name", ["2s4c_ht_physfirst", "2s4c_ht_pernode", "2s4c_ht_adjacent"])
@@ -124,12 +141,26 @@ def test_allowed_cpus_intersects_the_cgroup_cpuset(tmp_path):
 
 
 REQUESTS = [
-    {}, {"ninstances": 1}, {"ninstances": 3}, {"ninstances": 2, "ccl_worker_count": 1},
-    {"ccl_worker_count": 2, "logical_cores_for_ccl": True}, {"mode": "latency"}, {"mode": "throughput"},
-    {"use_logical_cores": True, "ninstances": 4}, {"ninstances": 1, "ncores_per_instance": 6},
+    {},
+    {"ninstances": 1},
+    {"ninstances": 3},
+    {"ninstances": 2, "ccl_worker_count": 1},
+    {"ccl_worker_count": 2, "logical_cores_for_ccl": True},
+    {"mode": "latency"},
+    {"mode": "throughput"},
+    {"use_logical_cores": True, "ninstances": 4},
+    {"ninstances": 1, "ncores_per_instance": 6},
 ]
-FIXTURES = ["1s4c_noht", "1s4c_nonuma", "2s4c_noht", "2s4c_ht_physfirst", "2s4c_ht_pernode",
-            "2s4c_ht_adjacent", "4s4c_ht_physfirst", "2s8c_snc2_ht"]
+FIXTURES = [
+    "1s4c_noht",
+    "1s4c_nonuma",
+    "2s4c_noht",
+    "2s4c_ht_physfirst",
+    "2s4c_ht_pernode",
+    "2s4c_ht_adjacent",
+    "4s4c_ht_physfirst",
+    "2s8c_snc2_ht",
+]
 
 
 @pytest.mark.parametrize("name,req", list(itertools.product(FIXTURES, REQUESTS)))
@@ -166,10 +197,14 @@ def test_one_rank_per_socket_on_physical_cores_by_default():
     assert not p.notes
 
 
-@pytest.mark.parametrize("name,cores,ccl", [
-    ("2s4c_ht_physfirst", [(0, 1, 2, 3), (4, 5, 6, 7)], [(11,), (15,)]),
-    ("2s4c_ht_pernode", [(0, 1, 2, 3), (8, 9, 10, 11)], [(7,), (15,)]),
-    ("2s4c_ht_adjacent", [(0, 2, 4, 6), (8, 10, 12, 14)], [(7,), (15,)])])
+@pytest.mark.parametrize(
+    "name,cores,ccl",
+    [
+        ("2s4c_ht_physfirst", [(0, 1, 2, 3), (4, 5, 6, 7)], [(11,), (15,)]),
+        ("2s4c_ht_pernode", [(0, 1, 2, 3), (8, 9, 10, 11)], [(7,), (15,)]),
+        ("2s4c_ht_adjacent", [(0, 2, 4, 6), (8, 10, 12, 14)], [(7,), (15,)]),
+    ],
+)
 def test_ccl_workers_on_hyperthread_siblings_in_each_numbering(name, cores, ccl):
     p = plan(name, ccl_worker_count=1, logical_cores_for_ccl=True)
     assert [r.cores for r in p.ranks] == cores
@@ -208,7 +243,12 @@ def test_latency_mode_on_small_nodes_says_why_it_uses_fewer_cores():
 
 def test_instances_stay_inside_nodes_when_they_fit():
     p = plan("2s4c_noht", ninstances=4)
-    assert [(r.numa_nodes, r.cores) for r in p.ranks] == [((0,), (0, 1)), ((0,), (2, 3)), ((1,), (4, 5)), ((1,), (6, 7))]
+    assert [(r.numa_nodes, r.cores) for r in p.ranks] == [
+        ((0,), (0, 1)),
+        ((0,), (2, 3)),
+        ((1,), (4, 5)),
+        ((1,), (6, 7)),
+    ]
 
 
 def test_cgroup_restricted_cpuset_is_respected_and_idle_cores_explained():
@@ -224,11 +264,15 @@ def test_rank_spanning_nodes_is_explained():
     assert [n for n in p.notes if "span NUMA nodes" in n]
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"nodes_list": (5,)}, "NUMA node 5 in --nodes-list does not exist"),
-    ({"ninstances": 9}, "lower --ninstances"),
-    ({"ninstances": 2, "ncores_per_instance": 5}, "lower --ninstances or --ncores-per-instance"),
-    ({"ninstances": 0}, ">= 1")])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"nodes_list": (5,)}, "NUMA node 5 in --nodes-list does not exist"),
+        ({"ninstances": 9}, "lower --ninstances"),
+        ({"ninstances": 2, "ncores_per_instance": 5}, "lower --ninstances or --ncores-per-instance"),
+        ({"ninstances": 0}, ">= 1"),
+    ],
+)
 def test_impossible_requests_name_the_fix(kw, match):
     with pytest.raises(PlacementError, match=match):
         plan("2s4c_noht", **kw)
@@ -310,11 +354,14 @@ def machine_plan(name: str, request: str | None, **kw):
     return p
 
 
-@pytest.mark.parametrize("name,ranks,memory", [
-    ("xeon-phi-7250-flat-quadrant", 4, [(1,)] * 4),
-    ("xeon-max-9480-flat-snc4", 8, [(k + 8,) for k in range(8)]),
-    ("xeon-max-9480-flat-snc4", 2, [(8,), (9,)]),  # SNC4: the first two clusters of socket 0
-])
+@pytest.mark.parametrize(
+    "name,ranks,memory",
+    [
+        ("xeon-phi-7250-flat-quadrant", 4, [(1,)] * 4),
+        ("xeon-max-9480-flat-snc4", 8, [(k + 8,) for k in range(8)]),
+        ("xeon-max-9480-flat-snc4", 2, [(8,), (9,)]),  # SNC4: the first two clusters of socket 0
+    ],
+)
 def test_hbm_is_the_cpu_less_node_nearest_each_rank(name, ranks, memory):
     p = machine_plan(name, "hbm", ninstances=ranks)
     assert [r.memory_nodes for r in p.ranks] == memory
@@ -337,16 +384,25 @@ def test_ddr_keeps_memory_bound_to_the_ranks_own_nodes(name):
 def test_a_node_number_is_preferred_by_every_rank():
     p = machine_plan("xeon-8160-2s", "1")
     assert [(r.numa_nodes, r.memory_nodes, r.memory_policy) for r in p.ranks] == [
-        ((0,), (1,), "preferred"), ((1,), (1,), "preferred")]
+        ((0,), (1,), "preferred"),
+        ((1,), (1,), "preferred"),
+    ]
 
 
-@pytest.mark.parametrize("name,request_,match", [
-    ("xeon-8160-2s", "hbm", r"no HBM/MCDRAM node on .*xeon-8160-2s: every NUMA node has CPUs \(is the memory in "
-                            r"cache mode\?\); drop --memory-node or use ddr"),
-    ("epyc-7763-zen3", "hbm", "every NUMA node has CPUs"),
-    ("xeon-8160-2s", "99", r"no NUMA node 99 with memory on .* \(nodes: 0-1\); pick one of them, hbm or ddr"),
-    ("xeon-max-9480-flat-snc4", "16", r"\(nodes: 0-15\)"),
-])
+@pytest.mark.parametrize(
+    "name,request_,match",
+    [
+        (
+            "xeon-8160-2s",
+            "hbm",
+            r"no HBM/MCDRAM node on .*xeon-8160-2s: every NUMA node has CPUs \(is the memory in "
+            r"cache mode\?\); drop --memory-node or use ddr",
+        ),
+        ("epyc-7763-zen3", "hbm", "every NUMA node has CPUs"),
+        ("xeon-8160-2s", "99", r"no NUMA node 99 with memory on .* \(nodes: 0-1\); pick one of them, hbm or ddr"),
+        ("xeon-max-9480-flat-snc4", "16", r"\(nodes: 0-15\)"),
+    ],
+)
 def test_impossible_memory_requests_name_the_fix(name, request_, match):
     with pytest.raises(PlacementError, match=match):
         machine_plan(name, request_)

@@ -11,8 +11,22 @@ from ipex_lars import cli
 from ipex_lars.bench.train import outcome
 from ipex_lars.bench.train_worker import RESULT_TAG
 
-TINY = ["--models", "digits_cnn", "--batches", "16", "--precisions", "fp32", "--backends", "native",
-        "--optimizers", "lars", "--steps", "2", "--warmup", "1"]
+TINY = [
+    "--models",
+    "digits_cnn",
+    "--batches",
+    "16",
+    "--precisions",
+    "fp32",
+    "--backends",
+    "native",
+    "--optimizers",
+    "lars",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+]
 
 
 def _bench(tmp_path, *args: str):
@@ -48,18 +62,27 @@ def test_ranks_runs_through_lars_run_and_reports_scaling_efficiency(tmp_path):
         assert r["phase_ms"]["allreduce"] > 0
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--models", "vgg"], "argument --models: expected comma-separated models out of resnet50, alexnet_bn, "
-                          "digits_cnn, got 'vgg'"),
-    (["--batches", "32,0"], "argument --batches: expected comma-separated per-rank batch sizes from 1 to 65536, "
-                            "got '32,0'"),
-    (["--steps", "0"], "argument --steps: expected a whole number from 1 to 10000, got '0'"),
-    (["--warmup", "-1"], "argument --warmup: expected a whole number from 0 to 10000, got '-1'"),
-    (["--timeout", "0"], "argument --timeout: expected a number above 0 and at most 86400, got '0'"),
-    (["--backends", "tensorrt"], "argument --backends: expected comma-separated backends out of native, ipex, "
-                                 "compile, got 'tensorrt'"),
-    (["--stacks", "conda"], "argument --stacks: expected comma-separated stacks out of ipex, native, got 'conda'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--models", "vgg"],
+            "argument --models: expected comma-separated models out of resnet50, alexnet_bn, digits_cnn, got 'vgg'",
+        ),
+        (
+            ["--batches", "32,0"],
+            "argument --batches: expected comma-separated per-rank batch sizes from 1 to 65536, got '32,0'",
+        ),
+        (["--steps", "0"], "argument --steps: expected a whole number from 1 to 10000, got '0'"),
+        (["--warmup", "-1"], "argument --warmup: expected a whole number from 0 to 10000, got '-1'"),
+        (["--timeout", "0"], "argument --timeout: expected a number above 0 and at most 86400, got '0'"),
+        (
+            ["--backends", "tensorrt"],
+            "argument --backends: expected comma-separated backends out of native, ipex, compile, got 'tensorrt'",
+        ),
+        (["--stacks", "conda"], "argument --stacks: expected comma-separated stacks out of ipex, native, got 'conda'"),
+    ],
+)
 def test_bad_arguments_are_one_line_naming_the_flag(tmp_path, args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bench", "train", *args, "--out", str(tmp_path)])
@@ -70,13 +93,37 @@ def test_bad_arguments_are_one_line_naming_the_flag(tmp_path, args, message, cap
 
 def test_a_failing_configuration_is_reported_and_the_others_still_run(tmp_path):
     # alexnet_bn's pooling cannot shrink 8-pixel images: its worker fails for real, digits_cnn's succeeds
-    out = run_cli("bench", "train", "--models", "alexnet_bn,digits_cnn", "--image-size", "8", "--batches", "2",
-                  "--precisions", "fp32", "--layouts", "nchw", "--backends", "native", "--optimizers", "sgd",
-                  "--steps", "1", "--warmup", "0", "--out", str(tmp_path), timeout=300)
+    out = run_cli(
+        "bench",
+        "train",
+        "--models",
+        "alexnet_bn,digits_cnn",
+        "--image-size",
+        "8",
+        "--batches",
+        "2",
+        "--precisions",
+        "fp32",
+        "--layouts",
+        "nchw",
+        "--backends",
+        "native",
+        "--optimizers",
+        "sgd",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        str(tmp_path),
+        timeout=300,
+    )
     assert out.returncode == 1, out.stderr
-    block = out.stderr[out.stderr.index("[bench train] FAILED: "):]
-    assert block.startswith("[bench train] FAILED: current alexnet_bn b2 fp32 NCHW native SGD x1 (round 1 of 1)\n"
-                            "  exit code 1: RuntimeError: ")
+    block = out.stderr[out.stderr.index("[bench train] FAILED: ") :]
+    assert block.startswith(
+        "[bench train] FAILED: current alexnet_bn b2 fp32 NCHW native SGD x1 (round 1 of 1)\n"
+        "  exit code 1: RuntimeError: "
+    )
     assert "\n  | RuntimeError: " in block, "the child's own last stderr lines are shown"
     assert "[bench train] 1 of 2 configurations failed (details above): current alexnet_bn" in out.stderr
     assert not any(line.startswith("Traceback") for line in out.stderr.splitlines()), "bench train itself ran on"
@@ -88,22 +135,27 @@ def test_a_failing_configuration_is_reported_and_the_others_still_run(tmp_path):
 
 
 def test_a_configuration_that_times_out_is_stopped_and_reported(tmp_path):
-    out = run_cli("bench", "train", *TINY, "--layouts", "nchw", "--timeout", "0.05", "--out", str(tmp_path),
-                  timeout=120)
+    out = run_cli(
+        "bench", "train", *TINY, "--layouts", "nchw", "--timeout", "0.05", "--out", str(tmp_path), timeout=120
+    )
     assert out.returncode == 1
-    assert "FAILED: current digits_cnn b16 fp32 NCHW native SGD x1 (round 1 of 1)\n  timed out after 0.05 s" \
-        in out.stderr
+    assert (
+        "FAILED: current digits_cnn b16 fp32 NCHW native SGD x1 (round 1 of 1)\n  timed out after 0.05 s" in out.stderr
+    )
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [r["error"] for r in rows] == ["timed out after 0.05 s (raise --timeout)"] * 2
 
 
-@pytest.mark.parametrize("returncode,stdout,stderr,error", [
-    (-9, "", "", "killed by SIGKILL: its stderr is empty"),
-    (139, "", "rank 1 crashed\n", "exit code 139 (128 + SIGSEGV): rank 1 crashed"),
-    (1, RESULT_TAG + '{"error": "ValueError: bad"}', "Traceback\nValueError: bad", "exit code 1: ValueError: bad"),
-    (0, RESULT_TAG + "{cut", "", "exit code 0, unparseable result line: "),
-    (0, "", "a warning\n", "exit code 0 without a result line: a warning"),
-])
+@pytest.mark.parametrize(
+    "returncode,stdout,stderr,error",
+    [
+        (-9, "", "", "killed by SIGKILL: its stderr is empty"),
+        (139, "", "rank 1 crashed\n", "exit code 139 (128 + SIGSEGV): rank 1 crashed"),
+        (1, RESULT_TAG + '{"error": "ValueError: bad"}', "Traceback\nValueError: bad", "exit code 1: ValueError: bad"),
+        (0, RESULT_TAG + "{cut", "", "exit code 0, unparseable result line: "),
+        (0, "", "a warning\n", "exit code 0 without a result line: a warning"),
+    ],
+)
 def test_a_failed_child_is_described_by_how_it_ended(returncode, stdout, stderr, error):
     failure = outcome(returncode, stdout, stderr)
     assert failure["error"].startswith(error) and failure["stderr_tail"] == stderr.splitlines()

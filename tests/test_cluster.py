@@ -32,8 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "dist_workers"
 STEPS = "4"
 LAUNCHERS = ["mpi", "torchrun-env", "slurm"]
-pytestmark = [pytest.mark.cluster, pytest.mark.slow,
-              pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 allowed CPUs")]
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 allowed CPUs"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +74,26 @@ def launch(request, cluster, launcher: str, program: list[str]) -> list[subproce
     """Start ``program`` as a 2-node, 1-rank-per-node job; lars-run runs on the nodes themselves."""
     extra = request.getfixturevalue("slurm").env() if launcher == "slurm" else {}
     env = job_env(cluster, extra)
-    lars_run = [sys.executable, "-m", "launchers", "--launcher", launcher, "--nprocs-per-node", "1",
-                "--grace-period", "5"]
+    lars_run = [
+        sys.executable,
+        "-m",
+        "launchers",
+        "--launcher",
+        launcher,
+        "--nprocs-per-node",
+        "1",
+        "--grace-period",
+        "5",
+    ]
     if launcher == "slurm":  # srun allocates; nodes, master address and port come from Slurm
         argvs = [cluster.nodes[0].command([*lars_run, "--nnodes", "2", *program])]
     elif launcher == "mpi":
         argvs = [cluster.nodes[0].command([*lars_run, "--hostfile", str(cluster.hostfile), *program])]
     else:
-        argvs = [n.command([*lars_run, "--hostfile", str(cluster.hostfile), "--node-rank", str(n.index), *program])
-                 for n in cluster.nodes]
+        argvs = [
+            n.command([*lars_run, "--hostfile", str(cluster.hostfile), "--node-rank", str(n.index), *program])
+            for n in cluster.nodes
+        ]
     return [subprocess.Popen(a, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a in argvs]
 
 
@@ -92,24 +106,31 @@ def one_process(tmp_path_factory) -> dict:
 
 
 def test_each_node_picks_its_cluster_interface_not_the_decoy(cluster):
-    probe = ("from ipex_lars.distributed import interface; from ipex_lars.distributed.env import Launch; "
-             "print(interface.choose(Launch('torchrun', 1, 2, 0, 1, 'ilcnode0', 1))[0])")
+    probe = (
+        "from ipex_lars.distributed import interface; from ipex_lars.distributed.env import Launch; "
+        "print(interface.choose(Launch('torchrun', 1, 2, 0, 1, 'ilcnode0', 1))[0])"
+    )
     for node in cluster.nodes:
-        res = subprocess.run(node.command([sys.executable, "-c", probe]), env=job_env(cluster), capture_output=True,
-                             text=True, timeout=60)
+        res = subprocess.run(
+            node.command([sys.executable, "-c", probe]),
+            env=job_env(cluster),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert res.returncode == 0, res.stderr
         assert res.stdout.strip() == "ilcv"  # the decoy "ilcd" is listed first
 
 
 @pytest.mark.parametrize("backend", ["oneccl", "gloo"])
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_two_node_ddp_ends_with_the_weights_of_one_process(request, cluster, one_process, launcher, backend,
-                                                           tmp_path):
+def test_two_node_ddp_ends_with_the_weights_of_one_process(request, cluster, one_process, launcher, backend, tmp_path):
     if backend == "oneccl":
         request.getfixturevalue("oneccl_built")
     start = time.monotonic()
-    runs = finish(launch(request, cluster, launcher, [str(WORKERS / "ddp_train.py"), backend, STEPS, str(tmp_path)]),
-                  timeout=150)
+    runs = finish(
+        launch(request, cluster, launcher, [str(WORKERS / "ddp_train.py"), backend, STEPS, str(tmp_path)]), timeout=150
+    )
     took = time.monotonic() - start
     assert [r.rc for r in runs] == [0] * len(runs), harness.describe(runs)
     assert "".join(r.out for r in runs).count("TRAINED") == 2
@@ -119,8 +140,9 @@ def test_two_node_ddp_ends_with_the_weights_of_one_process(request, cluster, one
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for name, value in rank0.items():
         assert torch.equal(value, rank1[name]), f"{name} differs between the nodes"
-        torch.testing.assert_close(value, one_process[name], rtol=1e-5, atol=1e-6,
-                                   msg=f"{name}: 2 nodes vs one process on the whole batch")
+        torch.testing.assert_close(
+            value, one_process[name], rtol=1e-5, atol=1e-6, msg=f"{name}: 2 nodes vs one process on the whole batch"
+        )
 
 
 def namespace_pids(cluster) -> set[int]:
@@ -188,14 +210,37 @@ def test_print_sbatch_script_runs_inside_its_allocation(cluster, slurm, one_proc
     allocation (SLURM_JOB_NODELIST, job id) with no hostfile."""
     env = job_env(cluster, slurm.env())
     program = [str(WORKERS / "ddp_train.py"), "gloo", STEPS, str(tmp_path)]
-    made = subprocess.run([sys.executable, "-m", "launchers", "--launcher", "slurm", "--print-sbatch", "--nnodes", "2",
-                           "--nprocs-per-node", "1", "--grace-period", "5", *program], env=env, capture_output=True,
-                          text=True, timeout=60)
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers",
+            "--launcher",
+            "slurm",
+            "--print-sbatch",
+            "--nnodes",
+            "2",
+            "--nprocs-per-node",
+            "1",
+            "--grace-period",
+            "5",
+            *program,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert made.returncode == 0, made.stderr
     script = tmp_path / "job.sbatch"
     script.write_text(made.stdout)
-    run = subprocess.run(cluster.nodes[0].command(["sbatch", "--wait", f"--chdir={tmp_path}", str(script)]), env=env,
-                         capture_output=True, text=True, timeout=150)
+    run = subprocess.run(
+        cluster.nodes[0].command(["sbatch", "--wait", f"--chdir={tmp_path}", str(script)]),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     outputs = "".join(p.read_text() for p in tmp_path.glob("lars-run-*.out"))
     assert run.returncode == 0, run.stderr + outputs
     assert outputs.count("TRAINED") == 2 and "derived by the ranks from Slurm" in outputs
@@ -204,8 +249,10 @@ def test_print_sbatch_script_runs_inside_its_allocation(cluster, slurm, one_proc
         torch.testing.assert_close(value, one_process[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-PROBE = ("import json, os, socket; print('PROBE ' + json.dumps([os.environ['PMI_RANK'], socket.gethostname(), "
-         "sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS']]), flush=True)")
+PROBE = (
+    "import json, os, socket; print('PROBE ' + json.dumps([os.environ['PMI_RANK'], socket.gethostname(), "
+    "sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS']]), flush=True)"
+)
 
 
 def test_mpi_ranks_are_planned_on_their_own_node(cluster, tmp_path):
@@ -215,9 +262,26 @@ def test_mpi_ranks_are_planned_on_their_own_node(cluster, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     env = job_env(cluster, {"ILC_CPUS_ilcnode1": str(cpus[-1])})
-    run = subprocess.run(cluster.nodes[0].command([sys.executable, "-m", "launchers", "--launcher", "mpi", "--hostfile",
-                                                   str(cluster.hostfile), "--nprocs-per-node", "1", str(probe)]),
-                         env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        cluster.nodes[0].command(
+            [
+                sys.executable,
+                "-m",
+                "launchers",
+                "--launcher",
+                "mpi",
+                "--hostfile",
+                str(cluster.hostfile),
+                "--nprocs-per-node",
+                "1",
+                str(probe),
+            ]
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     seen = sorted(json.loads(line[6:]) for line in run.stdout.splitlines() if line.startswith("PROBE "))
     assert seen == [["0", "ilcnode0", cpus, "1"], ["1", "ilcnode1", [cpus[-1]], "1"]]

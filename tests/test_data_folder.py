@@ -36,7 +36,7 @@ def image_root(tmp_path_factory) -> Path:
             folder.mkdir(parents=True)
             for i in range(count):
                 y, x = 20 * i, 30 * i
-                Image.fromarray(photo[y:y + 300, x:x + 400]).save(folder / f"{label}_{i}.JPEG", quality=90)
+                Image.fromarray(photo[y : y + 300, x : x + 400]).save(folder / f"{label}_{i}.JPEG", quality=90)
     good = (root / "train" / "china" / "china_0.JPEG").read_bytes()
     (root / "train" / "china" / "truncated.JPEG").write_bytes(good[: len(good) // 3])
     (root / "train" / "flower" / "notes.JPEG").write_text("not an image")
@@ -44,8 +44,19 @@ def image_root(tmp_path_factory) -> Path:
 
 
 def _cfg(tmp_path, root, **kw):
-    values = dict(data="imagefolder", data_dir=str(root), image_size=32, model="digits_cnn", global_batch=6,
-                  epochs=2, out_dir=str(tmp_path), threads=1, workers=0, lr=1.0, checkpoint_every=1)
+    values = dict(
+        data="imagefolder",
+        data_dir=str(root),
+        image_size=32,
+        model="digits_cnn",
+        global_batch=6,
+        epochs=2,
+        out_dir=str(tmp_path),
+        threads=1,
+        workers=0,
+        lr=1.0,
+        checkpoint_every=1,
+    )
     values.update(kw)
     return load_config("digits", values)
 
@@ -96,34 +107,64 @@ def test_resume_on_folder_data_is_exact_with_workers(tmp_path, image_root):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda root: root / "missing", "--data-dir {root} does not exist; point it at a folder with train/ and val/"),
-    (lambda root: root.mkdir() or root, "data folder {root}/train does not exist; expected ROOT/train/CLASS/*.JPEG "
-                                        "and ROOT/val/CLASS/*.JPEG (ImageNet layout)"),
-    (lambda root: (root / "train" / "a").mkdir(parents=True) or (root / "val").mkdir() or root,
-     "class folder {root}/train/a has no images (.bmp, .jpeg, .jpg, .png, .webp); remove it or add images"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda root: root / "missing", "--data-dir {root} does not exist; point it at a folder with train/ and val/"),
+        (
+            lambda root: root.mkdir() or root,
+            "data folder {root}/train does not exist; expected ROOT/train/CLASS/*.JPEG "
+            "and ROOT/val/CLASS/*.JPEG (ImageNet layout)",
+        ),
+        (
+            lambda root: (root / "train" / "a").mkdir(parents=True) or (root / "val").mkdir() or root,
+            "class folder {root}/train/a has no images (.bmp, .jpeg, .jpg, .png, .webp); remove it or add images",
+        ),
+    ],
+)
 def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path, make, message, capsys):
     root = make(tmp_path / "data")
-    code = cli.main(["train", "--data", "imagefolder", "--data-dir", str(root), "--out-dir", str(tmp_path / "run"),
-                     "--threads", "1"])
+    code = cli.main(
+        [
+            "train",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(root),
+            "--out-dir",
+            str(tmp_path / "run"),
+            "--threads",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.splitlines()[-1] == "ipex-lars train: error: " + message.format(root=root), err
     assert "Traceback" not in err
 
 
 def test_a_missing_data_folder_ends_the_installed_command_with_exit_2(tmp_path):
-    out = run_cli("train", "--data", "imagefolder", "--data-dir", str(tmp_path / "missing"),
-                  "--out-dir", str(tmp_path / "run"), env={"OMP_NUM_THREADS": "1"})
+    out = run_cli(
+        "train",
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        str(tmp_path / "missing"),
+        "--out-dir",
+        str(tmp_path / "run"),
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 2, out.stderr
-    assert out.stderr.splitlines()[-1] == (f"ipex-lars train: error: --data-dir {tmp_path / 'missing'} does not exist; "
-                                           "point it at a folder with train/ and val/")
+    assert out.stderr.splitlines()[-1] == (
+        f"ipex-lars train: error: --data-dir {tmp_path / 'missing'} does not exist; "
+        "point it at a folder with train/ and val/"
+    )
     assert "Traceback" not in out.stderr
 
 
 @contextmanager
 def _deadline(seconds: float):
     """Fail the test, instead of hanging the suite, if the block runs longer than ``seconds``."""
+
     def expire(signum, frame):
         raise TimeoutError(f"loading took over {seconds} s: something blocked")
 
@@ -138,13 +179,18 @@ def _deadline(seconds: float):
 
 def _write_blank_png(path: Path, width: int, height: int) -> None:
     """A valid all-black 1-bit PNG: ~20 KB on disk however large, built without ever holding its pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     row = bytes(1 + (width + 7) // 8)  # filter byte, then 8 pixels a byte
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _small_images(folder: Path, suffix: str, count: int) -> None:
@@ -156,11 +202,17 @@ def _small_images(folder: Path, suffix: str, count: int) -> None:
 
 
 # file name -> what its skip reason says; in train/cat unless the name says otherwise
-TRAIN_BAD = {"truncated.JPEG": "truncated", "notes.JPEG": "UnidentifiedImageError",
-             "tiff.JPEG": "UnidentifiedImageError", "huge.png": "12000x12000 pixels is over the 64,000,000-pixel",
-             "bomb.png": "DecompressionBombError", "pipe.JPEG": "not a regular file but a FIFO",
-             "zero.JPEG": "not a regular file but a character device", "dangling.JPEG": "FileNotFoundError",
-             "subdir.JPEG": "not a regular file but a directory"}
+TRAIN_BAD = {
+    "truncated.JPEG": "truncated",
+    "notes.JPEG": "UnidentifiedImageError",
+    "tiff.JPEG": "UnidentifiedImageError",
+    "huge.png": "12000x12000 pixels is over the 64,000,000-pixel",
+    "bomb.png": "DecompressionBombError",
+    "pipe.JPEG": "not a regular file but a FIFO",
+    "zero.JPEG": "not a regular file but a character device",
+    "dangling.JPEG": "FileNotFoundError",
+    "subdir.JPEG": "not a regular file but a directory",
+}
 VAL_BAD = {"cat/pipe.jpg": "FIFO", "cat/truncated.jpg": "truncated", "dog/huge.png": "pixel limit"}
 
 
@@ -263,8 +315,9 @@ def test_an_empty_class_folder_is_an_error_naming_it(tmp_path, split):
         _small_images(tmp_path / name / "cat", ".png", 1)
     (tmp_path / split / "empty").mkdir()
     (tmp_path / split / "empty" / "readme.txt").write_text("no images here")
-    with pytest.raises(ValueError, match=f"class folder {tmp_path / split / 'empty'} has no images .*; "
-                                         "remove it or add images$"):
+    with pytest.raises(
+        ValueError, match=f"class folder {tmp_path / split / 'empty'} has no images .*; remove it or add images$"
+    ):
         folder_datasets(tmp_path, 32)
 
 

@@ -6,7 +6,6 @@ import re
 
 import pytest
 import torch
-
 from dist_workers import harness
 from dist_workers.harness import oneccl_built  # noqa: F401  (session fixture)
 
@@ -14,8 +13,9 @@ pytestmark = pytest.mark.usefixtures("oneccl_built")
 
 
 def ok_ranks(text: str) -> list[tuple[int, str, str]]:
-    return sorted((int(r), launcher, backend)
-                  for r, launcher, backend in re.findall(r"RANK (\d+) OK (\w+) (\w+)", text))
+    return sorted(
+        (int(r), launcher, backend) for r, launcher, backend in re.findall(r"RANK (\d+) OK (\w+) (\w+)", text)
+    )
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
@@ -36,8 +36,10 @@ def test_auto_picks_oneccl_for_ranks_on_one_host_and_says_why():
     ranks = harness.torchrun_style("collectives.py", ["auto"], 2)
     assert [r.rc for r in ranks] == [0, 0], harness.describe(ranks)
     assert ok_ranks("".join(r.out for r in ranks)) == [(0, "torchrun", "oneccl"), (1, "torchrun", "oneccl")]
-    assert "backend oneccl (auto: all 2 rank(s) on one host, where oneccl's shared-memory transport measured " \
-           "faster than gloo)" in ranks[0].err
+    assert (
+        "backend oneccl (auto: all 2 rank(s) on one host, where oneccl's shared-memory transport measured "
+        "faster than gloo)" in ranks[0].err
+    )
     assert "backend oneccl" not in ranks[1].err  # rank 0 says it, once
     assert "CCL_ATL_SHM=1" in ranks[0].err
 
@@ -74,8 +76,9 @@ def test_ddp_on_oneccl_matches_gloo_and_one_process(tmp_path):
         assert torch.equal(value, rank1[name]), f"{name} differs between oneccl ranks"
         assert not torch.allclose(value, initial[name]), f"{name} did not train"
         torch.testing.assert_close(value, gloo[name], rtol=1e-5, atol=1e-6, msg=f"{name}: oneccl vs gloo")
-        torch.testing.assert_close(value, single[name], rtol=1e-5, atol=1e-6,
-                                   msg=f"{name}: oneccl vs one process on the whole batch")
+        torch.testing.assert_close(
+            value, single[name], rtol=1e-5, atol=1e-6, msg=f"{name}: oneccl vs one process on the whole batch"
+        )
 
 
 def test_a_job_that_never_destroys_its_group_exits_cleanly():

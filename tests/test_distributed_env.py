@@ -26,8 +26,18 @@ from launchers.identity import free_port
 
 
 def test_torchrun_variables_win_over_mpi_and_slurm():
-    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n0",
-           "MASTER_PORT": "29500", "PMI_RANK": "0", "PMI_SIZE": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "n0",
+        "MASTER_PORT": "29500",
+        "PMI_RANK": "0",
+        "PMI_SIZE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+    }
     assert detect(env) == Launch("torchrun", 3, 8, 1, 2, "n0", 29500)
 
 
@@ -50,13 +60,20 @@ def test_multi_node_mpi_requires_master_addr():
 
 
 def test_slurm_uses_first_node_and_job_id_port():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODELIST": "cpu[07-09,12]",
-           "SLURM_JOB_ID": "123456", "SLURM_TASKS_PER_NODE": "2(x4)"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODELIST": "cpu[07-09,12]",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_TASKS_PER_NODE": "2(x4)",
+    }
     assert detect(env) == Launch("slurm", 5, 8, 1, 2, "cpu07", 20000 + 123456 % 20000)
 
 
-@pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("a[3-4],b1", "a3"), ("x[10,2]", "x10"),
-                                             ("gpu-a[001-004]", "gpu-a001")])
+@pytest.mark.parametrize(
+    "nodelist, first", [("node1", "node1"), ("a[3-4],b1", "a3"), ("x[10,2]", "x10"), ("gpu-a[001-004]", "gpu-a001")]
+)
 def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
 
@@ -67,8 +84,12 @@ def test_no_launcher_is_a_single_process():
 
 def test_one_node_gets_shm_transport_no_worker_and_a_thread_share():
     launch = Launch("torchrun", 0, 2, 0, 2, "h", 1)
-    assert ccl_defaults(launch, cpus=8) == {"CCL_PROCESS_LAUNCHER": "none", "OMP_NUM_THREADS": "4",
-                                            "CCL_ATL_SHM": "1", "CCL_WORKER_OFFLOAD": "0"}
+    assert ccl_defaults(launch, cpus=8) == {
+        "CCL_PROCESS_LAUNCHER": "none",
+        "OMP_NUM_THREADS": "4",
+        "CCL_ATL_SHM": "1",
+        "CCL_WORKER_OFFLOAD": "0",
+    }
     assert ccl_defaults(Launch("torchrun", 0, 4, 0, 4, "h", 1), cpus=2)["OMP_NUM_THREADS"] == "1"
 
 
@@ -83,14 +104,17 @@ def test_user_settings_are_never_overridden():
     assert env == {"CCL_ATL_SHM": "0", "CCL_WORKER_OFFLOAD": "0"} and applied == {"CCL_WORKER_OFFLOAD": "0"}
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"IPEX_LARS_JOB_ID": "mine", "RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "r"}, "mine"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "r7"}, "torchrun:r7"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"}, ""),
-    ({"PMI_RANK": "0", "PMI_SIZE": "2", "I_MPI_HYDRA_UUID": "u-1"}, "mpi:u-1"),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "3"}, "slurm:42.3"),
-    ({"IPEX_LARS_JOB_ID": "", "RANK": "0", "WORLD_SIZE": "2"}, ""),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"IPEX_LARS_JOB_ID": "mine", "RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "r"}, "mine"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "r7"}, "torchrun:r7"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"}, ""),
+        ({"PMI_RANK": "0", "PMI_SIZE": "2", "I_MPI_HYDRA_UUID": "u-1"}, "mpi:u-1"),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "3"}, "slurm:42.3"),
+        ({"IPEX_LARS_JOB_ID": "", "RANK": "0", "WORLD_SIZE": "2"}, ""),
+    ],
+)
 def test_job_id_is_the_explicit_one_or_the_launchers(env, expected):
     assert job_id(env) == expected
 
@@ -129,10 +153,13 @@ def test_master_addr_of_another_host_is_named():
         rendezvous.listen("192.0.2.1", 0)  # TEST-NET-1: never an address of this machine
 
 
-@pytest.mark.parametrize("job, world, message", [
-    ("other", 2, r"of another job \(mine, 2 ranks, rank 0 on host .*will not join it"),
-    ("mine", 3, r"\(3 ranks\) reached the rendezvous store .* of another job \(mine, 2 ranks"),
-])
+@pytest.mark.parametrize(
+    "job, world, message",
+    [
+        ("other", 2, r"of another job \(mine, 2 ranks, rank 0 on host .*will not join it"),
+        ("mine", 3, r"\(3 ranks\) reached the rendezvous store .* of another job \(mine, 2 ranks"),
+    ],
+)
 def test_a_rank_refuses_the_store_of_another_job(job, world, message):
     port = free_port()
     store = rendezvous.open_store(_launch(0, "127.0.0.1", port), timedelta(seconds=5), "mine")

@@ -43,12 +43,20 @@ class Proc:
 
 
 @contextlib.contextmanager
-def ranks(tmp_path: Path, name: str, command: list[str], world: int, only: list[int] | None = None,
-          port: int | None = None, **extra: str) -> Iterator[list[Proc]]:
+def ranks(
+    tmp_path: Path,
+    name: str,
+    command: list[str],
+    world: int,
+    only: list[int] | None = None,
+    port: int | None = None,
+    **extra: str,
+) -> Iterator[list[Proc]]:
     """Start ranks `only` (default all) of a `world`-rank job, torchrun-style, each in its own session
     with its output in files; kill their process groups after."""
-    files = {r: (tmp_path / f"{name}{r}.out", tmp_path / f"{name}{r}.err")
-             for r in (range(world) if only is None else only)}
+    files = {
+        r: (tmp_path / f"{name}{r}.out", tmp_path / f"{name}{r}.err") for r in (range(world) if only is None else only)
+    }
     opened: list = []
 
     def outputs(rank: int) -> tuple:
@@ -57,8 +65,15 @@ def ranks(tmp_path: Path, name: str, command: list[str], world: int, only: list[
 
     procs: list[Proc] = []
     try:
-        popens = start_ranks(command, world, env={**harness.base_env(), **extra}, ranks=list(files), port=port,
-                             outputs=outputs, new_session=True)
+        popens = start_ranks(
+            command,
+            world,
+            env={**harness.base_env(), **extra},
+            ranks=list(files),
+            port=port,
+            outputs=outputs,
+            new_session=True,
+        )
         for f in opened:
             f.close()  # the children hold their own copies
         procs = [Proc(r, popen, *files[r]) for r, popen in zip(files, popens)]
@@ -131,8 +146,13 @@ def test_killed_rank_ends_the_other_within_seconds_naming_it(tmp_path, backend, 
 
 def test_silent_rank_is_declared_dead_after_the_heartbeat_timeout(tmp_path):
     heartbeat = 3
-    with ranks(tmp_path, "job", worker("loop", "gloo", DIST_TIMEOUT, str(tmp_path / "stop")), 2,
-               IPEX_LARS_HEARTBEAT_TIMEOUT=str(heartbeat)) as procs:
+    with ranks(
+        tmp_path,
+        "job",
+        worker("loop", "gloo", DIST_TIMEOUT, str(tmp_path / "stop")),
+        2,
+        IPEX_LARS_HEARTBEAT_TIMEOUT=str(heartbeat),
+    ) as procs:
         for p in procs:
             wait_for(p, "READY")
         os.killpg(procs[1].popen.pid, signal.SIGSTOP)  # alive, but silent
@@ -175,8 +195,13 @@ def test_rank_killed_under_mpiexec_ends_the_job():
 def test_rank_killed_under_torchrun_ends_the_job(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     out, err = tmp_path / "torchrun.out", tmp_path / "torchrun.err"
-    command = [str(torchrun), "--standalone", "--nproc-per-node", "2",
-               *worker("loop", "gloo", DIST_TIMEOUT, str(tmp_path / "stop"))[1:]]
+    command = [
+        str(torchrun),
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        *worker("loop", "gloo", DIST_TIMEOUT, str(tmp_path / "stop"))[1:],
+    ]
     with out.open("w") as o, err.open("w") as e:
         job = subprocess.Popen(command, env=harness.base_env(), stdout=o, stderr=e, start_new_session=True)
     proc = Proc(0, job, out, err)
@@ -224,8 +249,18 @@ def test_missing_rank_zero_is_named_within_the_timeout(tmp_path, backend):
 
 @pytest.mark.parametrize("present", [0, 1])
 def test_train_command_names_a_missing_rank_in_one_line(tmp_path, present):
-    command = [sys.executable, "-m", "ipex_lars", "train", "--dist-backend", "gloo", "--max-steps", "1",
-               "--out-dir", str(tmp_path / "run")]
+    command = [
+        sys.executable,
+        "-m",
+        "ipex_lars",
+        "train",
+        "--dist-backend",
+        "gloo",
+        "--max-steps",
+        "1",
+        "--out-dir",
+        str(tmp_path / "run"),
+    ]
     with ranks(tmp_path, "train", command, 2, only=[present], IPEX_LARS_DIST_TIMEOUT=str(TIMEOUT_S)) as (rank,):
         rc, _ = ended_within(rank, STARTUP_S)
     err = rank.err.read_text()
@@ -237,8 +272,11 @@ def test_train_command_names_a_missing_rank_in_one_line(tmp_path, present):
 # ---------------------------------------------------------------- a second job on the same port
 
 
-@pytest.mark.parametrize("backend_name, ids", [("oneccl", None), ("gloo", ("job-a", "job-b"))],
-                         ids=["oneccl-no-job-ids", "gloo-different-job-ids"])
+@pytest.mark.parametrize(
+    "backend_name, ids",
+    [("oneccl", None), ("gloo", ("job-a", "job-b"))],
+    ids=["oneccl-no-job-ids", "gloo-different-job-ids"],
+)
 def test_second_job_on_the_same_port_fails_fast_and_the_first_completes(tmp_path, request, backend_name, ids):
     if backend_name == "oneccl":
         request.getfixturevalue("oneccl_built")

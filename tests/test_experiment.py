@@ -9,8 +9,28 @@ import pytest
 import torch
 from cli_runner import run_cli
 
-MINI = ["--batches", "128,512", "--stability-batch", "512", "--epochs", "1", "--warmup-epochs", "0",
-        "--seeds", "2", "--grid", "2", "--sweep-points", "3", "--width", "8", "--depth", "2", "--jobs", "2"]
+MINI = [
+    "--batches",
+    "128,512",
+    "--stability-batch",
+    "512",
+    "--epochs",
+    "1",
+    "--warmup-epochs",
+    "0",
+    "--seeds",
+    "2",
+    "--grid",
+    "2",
+    "--sweep-points",
+    "3",
+    "--width",
+    "8",
+    "--depth",
+    "2",
+    "--jobs",
+    "2",
+]
 
 
 def test_mnist5k_is_real_shipped_data_in_disjoint_stratified_splits():
@@ -51,11 +71,14 @@ def test_large_batch_experiment_writes_tables_json_and_plots(tmp_path):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batches", "64,huge"], "--batches must be integers"),
-    (["--batches", "64,9999"], "batch sizes must be in 2..3500"),
-    (["--seeds", "1"], "--seeds >= 2"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batches", "64,huge"], "--batches must be integers"),
+        (["--batches", "64,9999"], "batch sizes must be in 2..3500"),
+        (["--seeds", "1"], "--seeds >= 2"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     out = run_cli("experiment", "large-batch", *args, "--out", str(tmp_path))
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stdout + out.stderr

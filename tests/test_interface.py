@@ -38,8 +38,11 @@ def test_named_interface_wins_and_must_exist():
     name = socket.if_nameindex()[-1][1]
     env = {interface.IFACE_ENV: name}
     assert interface.apply(launch("127.0.0.1"), env).name == name
-    with pytest.raises(interface.InterfaceError, match=r"IPEX_LARS_IFACE=nosuch0 \(lars-run --iface\) names no "
-                                                        r"interface of this host"):
+    with pytest.raises(
+        interface.InterfaceError,
+        match=r"IPEX_LARS_IFACE=nosuch0 \(lars-run --iface\) names no "
+        r"interface of this host",
+    ):
         interface.choose(launch("127.0.0.1"), {interface.IFACE_ENV: "nosuch0"})
 
 

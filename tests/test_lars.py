@@ -51,8 +51,9 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, data: list, start: int 
 def _make(impl: str, grouped: bool, dtype=torch.float32, **kw) -> tuple[nn.Module, LARS]:
     torch.manual_seed(0)
     model = Net().to(dtype)
-    params = lars_param_groups(model, weight_decay=1e-3) if grouped else \
-        [p for p in model.parameters() if p.requires_grad]
+    params = (
+        lars_param_groups(model, weight_decay=1e-3) if grouped else [p for p in model.parameters() if p.requires_grad]
+    )
     extra = {} if grouped else {"weight_decay": 1e-3}
     return model, LARS(params, lr=kw.pop("lr", 2.0), impl=impl, **extra, **kw)
 
@@ -108,8 +109,9 @@ def assert_within_float32_rounding(ps: list, opt: LARS, w64: list, v64: list, sc
         assert err <= bound, f"tensor {i} ({p.numel()} values): max error {err:.3g} > {bound:.3g}"
 
 
-def run_against_float64(impl: str, shapes: list, hyper: dict, steps: int, dtype=torch.float32,
-                        channels_last: tuple = ()) -> tuple[list, LARS]:
+def run_against_float64(
+    impl: str, shapes: list, hyper: dict, steps: int, dtype=torch.float32, channels_last: tuple = ()
+) -> tuple[list, LARS]:
     """Step ``impl`` and the float64 reference on the same fixed gradients; check the bound; return params."""
     gen = torch.Generator().manual_seed(3)
     ws = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
@@ -117,8 +119,7 @@ def run_against_float64(impl: str, shapes: list, hyper: dict, steps: int, dtype=
     ps = [nn.Parameter(w.clone().to(dtype)) for w in ws]
     for i in channels_last:
         ps[i].data = ps[i].data.contiguous(memory_format=torch.channels_last)
-    opt = LARS([{"params": ps, "lars": hyper["lars"]}], impl=impl,
-               **{k: v for k, v in hyper.items() if k != "lars"})
+    opt = LARS([{"params": ps, "lars": hyper["lars"]}], impl=impl, **{k: v for k, v in hyper.items() if k != "lars"})
     w64 = [p.detach().double() for p in ps]
     v64 = [torch.zeros_like(w) for w in w64]
     scales = [0.0] * len(ps)
@@ -142,8 +143,17 @@ SHAPES = [(7,), (300,), (4099,), (16384,), (16385,), (40001,)]
 
 @pytest.mark.parametrize("style,nesterov,clip,lars", CASES)
 def test_every_impl_and_isa_matches_float64_within_float32_rounding(impl_isa, style, nesterov, clip, lars):
-    hyper = dict(lr=2.0, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.001, eps=0.0, nesterov=nesterov,
-                 momentum_style=style, clip=clip, lars=lars)
+    hyper = dict(
+        lr=2.0,
+        momentum=0.9,
+        weight_decay=1e-3,
+        trust_coefficient=0.001,
+        eps=0.0,
+        nesterov=nesterov,
+        momentum_style=style,
+        clip=clip,
+        lars=lars,
+    )
     run_against_float64(impl_isa, SHAPES, hyper, steps=10)
 
 
@@ -193,7 +203,7 @@ def test_reference_matches_hand_computed_algorithm_1():
     assert opt.state[w]["momentum_buffer"].tolist() == pytest.approx([0.006, 0.008], abs=1e-8)
     # step 2: g = (0, 2), ||g|| = 2
     w.grad = torch.tensor([0.0, 2.0])
-    wn = math.sqrt(2.994 ** 2 + 3.992 ** 2)  # 4.99
+    wn = math.sqrt(2.994**2 + 3.992**2)  # 4.99
     tau = eta * wn / (2.0 + wd * wn)
     d = (0.0 + wd * 2.994, 2.0 + wd * 3.992)
     v = (m * 0.006 + lr * tau * d[0], m * 0.008 + lr * tau * d[1])
@@ -227,8 +237,17 @@ def test_zero_weight_or_zero_grad_gives_trust_ratio_one():
 def test_large_tensors_and_layouts_match_float64(impl_isa, dtype):
     # several blocks per tensor, several cache batches, a channels-last weight, a grad in another layout
     shapes = [(700_000,), (600_000,), (33_000,), (7,), (64, 32, 3, 3)]
-    hyper = dict(lr=1.0, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.001, eps=0.0, nesterov=False,
-                 momentum_style="paper", clip=False, lars=True)
+    hyper = dict(
+        lr=1.0,
+        momentum=0.9,
+        weight_decay=1e-4,
+        trust_coefficient=0.001,
+        eps=0.0,
+        nesterov=False,
+        momentum_style="paper",
+        clip=False,
+        lars=True,
+    )
     ps, opt = run_against_float64(impl_isa, shapes, hyper, steps=3, dtype=dtype, channels_last=(4,))
     if dtype == torch.bfloat16:
         assert all(torch.equal(p, opt.state[p]["master_param"].bfloat16()) for p in ps)
@@ -243,7 +262,9 @@ def test_fused_is_independent_of_thread_count():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            ps = [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+            ps = [
+                nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)
+            ]
             opt = LARS(ps, lr=1.0, weight_decay=1e-4, impl="fused")
             gen = torch.Generator().manual_seed(7)
             for _ in range(3):
@@ -292,8 +313,9 @@ def test_bf16_master_survives_a_state_dict_round_trip(first, second):
     _train(resumed, opt2, data[3:], start=3)
     for p, q in zip(resumed.parameters(), model.parameters()):
         if q in opt.state:  # one step from identical fp32 masters: equal to fp32 rounding
-            torch.testing.assert_close(opt2.state[p]["master_param"], opt.state[q]["master_param"],
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                opt2.state[p]["master_param"], opt.state[q]["master_param"], rtol=1e-5, atol=1e-6
+            )
 
 
 def test_loading_new_weights_into_a_bf16_model_resyncs_the_master():
@@ -323,12 +345,20 @@ def test_any_lr_scheduler_drives_every_impl(impl):
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(lr=-0.1), "lr"), (dict(lr=0.1, momentum=1.0), "momentum"), (dict(lr=0.1, momentum=-0.5), "momentum"),
-    (dict(lr=0.1, weight_decay=-1.0), "weight_decay"), (dict(lr=0.1, trust_coefficient=0.0), "trust_coefficient"),
-    (dict(lr=0.1, eps=-1.0), "eps"), (dict(lr=0.1, momentum_style="adam"), "momentum_style"),
-    (dict(lr=0.1, impl="cuda"), "impl"), (dict(lr=0.1, momentum=0.0, nesterov=True), "nesterov"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(lr=-0.1), "lr"),
+        (dict(lr=0.1, momentum=1.0), "momentum"),
+        (dict(lr=0.1, momentum=-0.5), "momentum"),
+        (dict(lr=0.1, weight_decay=-1.0), "weight_decay"),
+        (dict(lr=0.1, trust_coefficient=0.0), "trust_coefficient"),
+        (dict(lr=0.1, eps=-1.0), "eps"),
+        (dict(lr=0.1, momentum_style="adam"), "momentum_style"),
+        (dict(lr=0.1, impl="cuda"), "impl"),
+        (dict(lr=0.1, momentum=0.0, nesterov=True), "nesterov"),
+    ],
+)
 def test_invalid_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         LARS([nn.Parameter(torch.ones(2))], **kwargs)
@@ -347,8 +377,9 @@ def test_param_groups_exclude_norm_and_bias_from_adaptation_and_decay():
     assert adapted["lars"] and adapted["weight_decay"] == 5e-5
     assert not excluded["lars"] and excluded["weight_decay"] == 0.0
     assert ids(adapted["params"]) == ids([model.conv.weight, model.zero.weight, model.fc.weight, model.aux.weight])
-    assert ids(excluded["params"]) == ids([model.bn.weight, model.bn.bias, model.conv.bias, model.zero.bias,
-                                           model.fc.bias, model.aux.bias])
+    assert ids(excluded["params"]) == ids(
+        [model.bn.weight, model.bn.bias, model.conv.bias, model.zero.bias, model.fc.bias, model.aux.bias]
+    )
     only_bn = lars_param_groups(model, weight_decay=5e-5, exclude=("bn",))
     assert id(model.fc.bias) in ids(only_bn[0]["params"])
     with pytest.raises(ValueError, match="weight_decay"):
@@ -403,8 +434,7 @@ def test_a_deep_copied_optimizer_keeps_working(impl):
     _train(model, opt, bf[2:], start=2)
     _train(model2, opt2, bf[2:], start=2)
     assert_rel_close(model2, model)
-    assert all(torch.equal(opt2.state[p]["master_param"].bfloat16(), p)
-               for p in model2.parameters() if p in opt2.state)
+    assert all(torch.equal(opt2.state[p]["master_param"].bfloat16(), p) for p in model2.parameters() if p in opt2.state)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -435,10 +465,17 @@ def test_auto_falls_back_to_foreach_when_the_build_folder_is_unwritable():
     import subprocess
     import sys
 
-    code = ("import warnings, torch; from ipex_lars.optim import LARS\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always'); o = LARS([torch.nn.Parameter(torch.ones(2))], lr=0.1)\n"
-            "print(o.impl, any('IPEX_LARS_BUILD_DIR' in str(x.message) for x in w))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "IPEX_LARS_BUILD_DIR": "/proc/no-such-dir"})
+    code = (
+        "import warnings, torch; from ipex_lars.optim import LARS\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always'); o = LARS([torch.nn.Parameter(torch.ones(2))], lr=0.1)\n"
+        "print(o.impl, any('IPEX_LARS_BUILD_DIR' in str(x.message) for x in w))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "IPEX_LARS_BUILD_DIR": "/proc/no-such-dir"},
+    )
     assert out.stdout.split()[-2:] == ["foreach", "True"], out.stderr

@@ -33,8 +33,11 @@ def _groups(model: nn.Module, bias_wd: float) -> list[dict]:
     weights = [model[0].weight, model[3].weight]
     bn = [model[1].weight, model[1].bias]
     biases = [model[0].bias, model[3].bias]
-    return [dict(params=weights), dict(params=bn, weight_decay=0.0, lars=False),
-            dict(params=biases, weight_decay=bias_wd, lars=False)]
+    return [
+        dict(params=weights),
+        dict(params=bn, weight_decay=0.0, lars=False),
+        dict(params=biases, weight_decay=bias_wd, lars=False),
+    ]
 
 
 def _data() -> list:
@@ -52,8 +55,7 @@ def _run(model: nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
 
 def _ours(bias_wd: float, impl: str = "fused") -> torch.Tensor:
     model = _model()
-    opt = LARS(_groups(model, bias_wd), lr=LR, momentum=MOMENTUM, weight_decay=WD,
-               momentum_style="sgd", impl=impl)
+    opt = LARS(_groups(model, bias_wd), lr=LR, momentum=MOMENTUM, weight_decay=WD, momentum_style="sgd", impl=impl)
     return _run(model, opt)
 
 

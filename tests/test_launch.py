@@ -40,8 +40,9 @@ sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 and max(os.sched_getaffinity(0)) 
 def lars_run(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
     """``lars-run ARGS`` in a subprocess; ``path`` replaces $PATH (to hide or fake numactl)."""
     env = dict(os.environ) if path is None else dict(os.environ, PATH=path)
-    return subprocess.run([sys.executable, "-m", "launchers", *args], capture_output=True, text=True,
-                          timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "launchers", *args], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 def probes(text: str) -> list[dict]:
@@ -60,8 +61,9 @@ def probe(tmp_path: Path) -> Path:
 def test_two_local_instances_each_see_their_own_cores(tmp_path, probe, manager):
     if manager == "numactl" and detect_binder("auto", FIRST)[0] != "numactl":
         pytest.skip("numactl missing or not permitted here")
-    res = lars_run("--ninstances", "2", "--multi-task-manager", manager, "--log-dir", str(tmp_path / "logs"),
-                   str(probe))
+    res = lars_run(
+        "--ninstances", "2", "--multi-task-manager", manager, "--log-dir", str(tmp_path / "logs"), str(probe)
+    )
     assert res.returncode == 0, res.stderr
     seen = [probes((tmp_path / "logs" / f"rank_{i}.log").read_text())[0] for i in range(2)]
     a, b = (set(s["affinity"]) for s in seen)
@@ -82,10 +84,12 @@ def test_failed_instance_ends_the_job_and_its_exit_code_is_returned(probe):
 @two_cpus
 def test_sigterm_to_lars_run_stops_every_instance(tmp_path):
     sleeper = tmp_path / "sleeper.py"
-    sleeper.write_text(f"import os, time\nopen(os.path.join({str(tmp_path)!r}, f'pid_{{os.getpid()}}'), 'w').close()\n"
-                       "time.sleep(60)\n")
-    launcher = subprocess.Popen([sys.executable, "-m", "launchers", "--ninstances", "2", str(sleeper)],
-                                stderr=subprocess.DEVNULL)
+    sleeper.write_text(
+        f"import os, time\nopen(os.path.join({str(tmp_path)!r}, f'pid_{{os.getpid()}}'), 'w').close()\ntime.sleep(60)\n"
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launchers", "--ninstances", "2", str(sleeper)], stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 30
     while len(list(tmp_path.glob("pid_*"))) < 2 and time.time() < deadline:
         time.sleep(0.05)
@@ -106,6 +110,7 @@ def test_numactl_that_fails_here_falls_back_to_taskset(tmp_path):
     binder, notes = detect_binder("auto", FIRST, path=path)
     assert binder in ("taskset", "sched") and "set_mempolicy" in notes[0]
     from launchers.job import LaunchError
+
     with pytest.raises(LaunchError, match="--multi-task-manager auto"):
         detect_binder("numactl", FIRST, path=path)
 
@@ -129,10 +134,12 @@ def test_mpiexec_two_ranks_get_pmi_ids_pin_domains_and_env(tmp_path, probe):
 def test_mpiexec_ranks_allreduce_over_oneccl(tmp_path):
     """lars-run's mpiexec ranks join a oneCCL process group through ipex_lars.distributed.init."""
     script = tmp_path / "allreduce.py"
-    script.write_text("import sys, torch, torch.distributed as dist, ipex_lars.distributed as d\n"
-                      "info = d.init(backend='oneccl')\nt = torch.ones(1) * (dist.get_rank() + 1)\n"
-                      "dist.all_reduce(t)\nsys.stdout.write(f'SUM {t.item()} {info.backend}\\n')\n"
-                      "dist.destroy_process_group()\n")
+    script.write_text(
+        "import sys, torch, torch.distributed as dist, ipex_lars.distributed as d\n"
+        "info = d.init(backend='oneccl')\nt = torch.ones(1) * (dist.get_rank() + 1)\n"
+        "dist.all_reduce(t)\nsys.stdout.write(f'SUM {t.item()} {info.backend}\\n')\n"
+        "dist.destroy_process_group()\n"
+    )
     res = lars_run("--nprocs-per-node", "2", str(script))
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("SUM 3.0 oneccl") == 2
@@ -143,8 +150,10 @@ def test_torchrun_env_sets_rank_variables_for_each_local_process(probe):
     res = lars_run("--launcher", "torchrun-env", "--nprocs-per-node", "2", "--master-port", "29555", str(probe))
     assert res.returncode == 0, res.stderr
     seen = sorted(probes(res.stdout), key=lambda s: int(s["RANK"]))
-    assert [(s["RANK"], s["LOCAL_RANK"], s["WORLD_SIZE"], s["CCL_LOCAL_RANK"]) for s in seen] == \
-        [("0", "0", "2", "0"), ("1", "1", "2", "1")]
+    assert [(s["RANK"], s["LOCAL_RANK"], s["WORLD_SIZE"], s["CCL_LOCAL_RANK"]) for s in seen] == [
+        ("0", "0", "2", "0"),
+        ("1", "1", "2", "1"),
+    ]
     assert all(s["MASTER_ADDR"] == "127.0.0.1" and s["MASTER_PORT"] == "29555" for s in seen)
     assert seen[0]["affinity"] != seen[1]["affinity"]
 
@@ -153,17 +162,28 @@ def test_slurm_rank_shim_exports_its_local_rank_entry(probe):
     envs = json.dumps([{"FROM_PLAN": "zero"}, {"FROM_PLAN": "one"}])
     prefixes = json.dumps([["env", "FROM_PREFIX=zero"], ["env", "FROM_PREFIX=one"]])
     env = dict(os.environ, LARS_RANK_ENVS=envs, SLURM_LOCALID="1")
-    res = subprocess.run([sys.executable, "-m", "launchers.rank_exec", "--", sys.executable, str(probe)],
-                         capture_output=True, text=True, env=env, timeout=30)
+    res = subprocess.run(
+        [sys.executable, "-m", "launchers.rank_exec", "--", sys.executable, str(probe)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
     assert res.returncode == 0, res.stderr
     assert probes(res.stdout)[0]["FROM_PLAN"] == "one" and probes(res.stdout)[0]["FROM_PREFIX"] is None
-    res = subprocess.run([sys.executable, "-m", "launchers.rank_exec", "--", sys.executable, str(probe)],
-                         capture_output=True, text=True, env=dict(env, LARS_RANK_PREFIXES=prefixes), timeout=30)
+    res = subprocess.run(
+        [sys.executable, "-m", "launchers.rank_exec", "--", sys.executable, str(probe)],
+        capture_output=True,
+        text=True,
+        env=dict(env, LARS_RANK_PREFIXES=prefixes),
+        timeout=30,
+    )
     assert res.returncode == 0, res.stderr
     assert probes(res.stdout)[0]["FROM_PREFIX"] == "one"  # this local rank's command ran in front
     env["SLURM_LOCALID"] = "2"
-    res = subprocess.run([sys.executable, "-m", "launchers.rank_exec", "true"], capture_output=True,
-                         text=True, env=env, timeout=30)
+    res = subprocess.run(
+        [sys.executable, "-m", "launchers.rank_exec", "true"], capture_output=True, text=True, env=env, timeout=30
+    )
     assert res.returncode == 2 and "--nprocs-per-node" in res.stderr
 
 
@@ -176,12 +196,25 @@ def _plan(*args: str) -> dict:
 def test_dry_run_json_plans_a_described_two_node_cluster(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("# cluster\nxeon-a:2\n10.0.0.2  slots=2\n")
-    plan = _plan("--topology", str(TOPOS / "2s4c_ht_physfirst.lscpu"), "--hostfile", str(hosts),
-                 "--nprocs-per-node", "2", "--logical-cores-for-ccl", "-m", "ipex_lars.train")
+    plan = _plan(
+        "--topology",
+        str(TOPOS / "2s4c_ht_physfirst.lscpu"),
+        "--hostfile",
+        str(hosts),
+        "--nprocs-per-node",
+        "2",
+        "--logical-cores-for-ccl",
+        "-m",
+        "ipex_lars.train",
+    )
     assert [n["host"] for n in plan["nodes"]] == ["xeon-a", "10.0.0.2"]
     ranks = plan["ranks"]
     assert [(r["rank"], r["local_rank"], r["host"], r["numa_node"]) for r in ranks] == [
-        (0, 0, "xeon-a", 0), (1, 1, "xeon-a", 1), (2, 0, "10.0.0.2", 0), (3, 1, "10.0.0.2", 1)]
+        (0, 0, "xeon-a", 0),
+        (1, 1, "xeon-a", 1),
+        (2, 0, "10.0.0.2", 0),
+        (3, 1, "10.0.0.2", 1),
+    ]
     assert ranks[1]["cores"] == [4, 5, 6, 7] and ranks[1]["ccl_worker_cores"] == [15]
     assert set(ranks[0]) >= {"rank", "local_rank", "host", "numa_node", "cores", "ccl_worker_cores", "env", "command"}
     assert ranks[0]["env"]["MASTER_ADDR"] == "xeon-a"
@@ -198,20 +231,35 @@ def test_dry_run_json_plans_a_described_two_node_cluster(tmp_path):
 
 
 def test_dry_run_plans_slurm_with_cpu_masks():
-    plan = _plan("--launcher", "slurm", "--topology", str(TOPOS / "2s8c_snc2_ht.lscpu"), "--nnodes", "2",
-                 "--master-addr", "head", "--grace-period", "12.5", "train.py")
+    plan = _plan(
+        "--launcher",
+        "slurm",
+        "--topology",
+        str(TOPOS / "2s8c_snc2_ht.lscpu"),
+        "--nnodes",
+        "2",
+        "--master-addr",
+        "head",
+        "--grace-period",
+        "12.5",
+        "train.py",
+    )
     assert len(plan["ranks"]) == 8 and plan["command"][0] == "srun"
     assert "--cpu-bind=mask_cpu:0xf,0xf0,0xf00,0xf000" in plan["command"]
     guard = GUARD[:-1] + ["12.5", "--usr2-stops", "--"]
     start = plan["command"].index(sys.executable)
-    assert plan["command"][start:start + len(guard) + 3] == guard + [sys.executable, "-m", "launchers.rank_exec"]
+    assert plan["command"][start : start + len(guard) + 3] == guard + [sys.executable, "-m", "launchers.rank_exec"]
     assert json.loads(plan["launch_env"]["LARS_RANK_ENVS"])[3]["GOMP_CPU_AFFINITY"] == "12-14"
 
 
 def test_dry_run_local_plan_binds_memory_with_numactl_on_the_described_machine():
     plan = _plan("--topology", str(TOPOS / "2s4c_ht_pernode.lscpu"), "--ninstances", "4", "x.py")
     assert [(r["cores"], r["memory_policy"], r["memory_nodes"]) for r in plan["ranks"]] == [
-        ([0, 1], "membind", [0]), ([2, 3], "membind", [0]), ([8, 9], "membind", [1]), ([10, 11], "membind", [1])]
+        ([0, 1], "membind", [0]),
+        ([2, 3], "membind", [0]),
+        ([8, 9], "membind", [1]),
+        ([10, 11], "membind", [1]),
+    ]
     assert plan["ranks"][2]["command"][:3] == ["numactl", "--physcpubind=8-9", "--membind=1"]
     assert plan["ranks"][2]["env"]["OMP_NUM_THREADS"] == "2"
 
@@ -221,7 +269,7 @@ def test_dry_run_text_lists_ranks():
     assert res.returncode == 0 and res.stdout.count("numactl --physcpubind=") == 4  # 16 cores / 4
     assert "numactl --physcpubind=12-15 --membind=3" in res.stdout
     header, rank3 = res.stdout.splitlines()[1], res.stdout.splitlines()[5]
-    assert rank3[header.index("memory"):].startswith("membind 3 ")
+    assert rank3[header.index("memory") :].startswith("membind 3 ")
 
 
 def _machine(name: str, *args: str) -> dict:
@@ -256,14 +304,17 @@ def test_xeon_max_snc4_rank_on_node_k_prefers_hbm_node_k_plus_8(launcher):
 
 
 def test_ranks_spanning_nodes_prefer_the_hbm_node_nearest_their_main_node():
-    plan = _machine("xeon-max-9480-flat-snc4", "--ninstances", "2", "--ncores-per-instance", "56",
-                    "--memory-node", "hbm")
+    plan = _machine(
+        "xeon-max-9480-flat-snc4", "--ninstances", "2", "--ncores-per-instance", "56", "--memory-node", "hbm"
+    )
     assert [(r["numa_nodes"], r["memory_nodes"]) for r in plan["ranks"]] == [([0, 1, 2, 3], [8]), ([4, 5, 6, 7], [12])]
 
 
 def test_memory_node_number_is_preferred_by_every_rank():
     assert _memory(_machine("xeon-max-9480-flat-snc4", "--nodes-list", "0-1", "--memory-node", "12")) == [
-        (0, "preferred", [12]), (1, "preferred", [12])]
+        (0, "preferred", [12]),
+        (1, "preferred", [12]),
+    ]
 
 
 @pytest.mark.parametrize("extra", [["--memory-node", "ddr"], []])
@@ -290,9 +341,11 @@ def test_machine_plan_uses_all_its_cpus_and_shows_the_topology():
 def test_hbm_on_a_machine_without_cpu_less_nodes_is_refused(name):
     res = lars_run("--dry-run", "--json", "--machine", str(MACHINES / name), "--memory-node", "hbm", "x.py")
     assert res.returncode == 2 and res.stdout == ""
-    assert res.stderr.splitlines() == [f"lars-run: error: --memory-node hbm: no HBM/MCDRAM node on {MACHINES / name}: "
-                                       "every NUMA node has CPUs (is the memory in cache mode?); drop --memory-node "
-                                       "or use ddr"]
+    assert res.stderr.splitlines() == [
+        f"lars-run: error: --memory-node hbm: no HBM/MCDRAM node on {MACHINES / name}: "
+        "every NUMA node has CPUs (is the memory in cache mode?); drop --memory-node "
+        "or use ddr"
+    ]
 
 
 @pytest.mark.parametrize("launcher", ["local", "torchrun-env", "mpi"])
@@ -308,8 +361,9 @@ def test_memory_node_without_a_working_numactl_is_refused_not_ignored(tmp_path, 
     res = lars_run("--dry-run", "--launcher", launcher, "--memory-node", "ddr", "x.py", path=path)
     assert res.returncode == 2, res.stdout + res.stderr
     lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"lars-run: error: --memory-node ddr needs numactl to place "
-                                                   f"memory, but numactl {why}")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"lars-run: error: --memory-node ddr needs numactl to place memory, but numactl {why}"
+    )
     assert lines[0].endswith("install numactl (apt-get install numactl) or drop --memory-node")
 
 
@@ -319,7 +373,9 @@ HERE_NODE = next((m.node for m in this_machine().memory_nodes if ALLOWED[0] in m
 def _numactl_skip_reason() -> str | None:
     if HERE_NODE is None:
         return "no NUMA node visible in /sys/devices/system/node"
-    why = numactl_problem(RankPlan(0, (HERE_NODE,), (ALLOWED[0],), memory_nodes=(HERE_NODE,), memory_policy="preferred"))
+    why = numactl_problem(
+        RankPlan(0, (HERE_NODE,), (ALLOWED[0],), memory_nodes=(HERE_NODE,), memory_policy="preferred")
+    )
     return f"numactl {why} (apt-get install numactl; containers may forbid set_mempolicy)" if why else None
 
 
@@ -329,59 +385,100 @@ def test_memory_node_really_places_memory_here(choice, policy):
     reason = _numactl_skip_reason()
     if reason:
         pytest.skip(reason)
-    res = lars_run("--ninstances", "1", "--memory-node", str(HERE_NODE) if choice == "N" else choice,
-                   "numactl", "--show")
+    res = lars_run(
+        "--ninstances", "1", "--memory-node", str(HERE_NODE) if choice == "N" else choice, "numactl", "--show"
+    )
     assert res.returncode == 0, res.stderr
     shown = res.stdout.splitlines()
     assert ("policy: preferred" if choice == "N" else "policy: bind") in shown
     assert policy.format(n=HERE_NODE) in [line.strip() for line in shown]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--nodes-list", "7", "x.py"], "NUMA node 7 in --nodes-list does not exist"),
-    (["--ninstances", "99", "x.py"], "lower --ninstances"),
-    (["--hostfile", "/nonexistent/hosts", "x.py"], "cannot read hostfile /nonexistent/hosts"),
-    (["--nnodes", "2", "x.py"], "needs --hostfile"),
-    (["--topology", "/nonexistent.lscpu", "--dry-run", "x.py"], "cannot read topology file"),
-    (["--nodes-list", "a-b", "x.py"], "bad CPU list"),
-    (["--ninstances", "1"], "no PROGRAM given"),
-    (["--multi-task-manager", "sched", "/nonexistent/prog"], "program /nonexistent/prog not found"),
-    (["/nonexistent/train.py"], "script /nonexistent/train.py not found"),
-    (["--topology", str(TOPOS / "1s4c_noht.lscpu"), "x.py"], "add --dry-run"),
-    (["--allowed-cpus", "0-4095", "x.py"], "includes CPUs this process may not use"),
-    (["--launcher", "mpi", "--nnodes", "0", "x.py"], "argument --nnodes: expected a whole number from 1 to 65536, got '0'"),
-    (["--nprocs-per-node", "0", "x.py"], "argument --nprocs-per-node: expected a whole number from 1 to 8192, got '0'"),
-    (["--ninstances", "-2", "x.py"], "argument --ninstances: expected a whole number from 1 to 8192, got '-2'"),
-    (["--ncores-per-instance", "0", "x.py"], "argument --ncores-per-instance: expected a whole number from 1 to"),
-    (["--master-port", "99999", "x.py"], "argument --master-port: expected a whole number from 1 to 65535, got '99999'"),
-    (["--master-port", "-1", "x.py"], "argument --master-port: expected a whole number from 1 to 65535, got '-1'"),
-    (["--master-port", "http", "x.py"], "argument --master-port: expected a whole number from 1 to 65535"),
-    (["--node-rank", "-1", "x.py"], "argument --node-rank: expected a whole number from 0 to 65535, got '-1'"),
-    (["--dry-run", "--launcher", "torchrun-env", "--node-rank", "1", "x.py"], "--node-rank 1 is outside 0..0"),
-    (["--ccl-worker-count", "-1", "x.py"], "argument --ccl-worker-count: expected a whole number from 0 to 64"),
-    (["--grace-period", "-1", "x.py"], "argument --grace-period: expected a number from 0 to 3600, got '-1'"),
-    (["--grace-period", "nan", "x.py"], "argument --grace-period: expected a number from 0 to 3600, got 'nan'"),
-    (["--dry-run", "--machine", str(MACHINES / "xeon-8160-2s"), "--memory-node", "99", "x.py"],
-     f"no NUMA node 99 with memory on {MACHINES / 'xeon-8160-2s'} (nodes: 0-1)"),
-    (["--dry-run", "--machine", str(MACHINES / "xeon-phi-7250-flat-quadrant"), "--memory-node", "2", "x.py"],
-     "(nodes: 0-1); pick one of them, hbm or ddr"),
-    (["--dry-run", "--memory-node", "4096", "x.py"], "no NUMA node 4096 with memory"),
-    (["--dry-run", "--memory-node", "fast", "x.py"], "'fast' is not hbm, ddr or a NUMA node number"),
-    (["--dry-run", "--memory-node", "-1", "x.py"], "is not hbm, ddr or a NUMA node number"),
-    (["--dry-run", "--topology", str(TOPOS / "1s4c_noht.lscpu"), "--memory-node", "hbm", "x.py"],
-     "plan with --machine DIR"),
-    (["--machine", str(MACHINES / "xeon-8160-2s"), "x.py"], "add --dry-run"),
-    (["--dry-run", "--machine", "/nonexistent", "x.py"], "python -m affinity.machine --save DIR"),
-    (["--dry-run", "--machine", str(MACHINES), "x.py"], "cpuinfo"),
-    (["--dry-run", "--machine", str(MACHINES / "xeon-8160-2s"), "--topology", str(TOPOS / "1s4c_noht.lscpu"),
-      "x.py"], "not allowed with argument"),
-    (["--dry-run", "--multi-task-manager", "taskset", "--memory-node", "ddr", "x.py"],
-     "--memory-node ddr needs numactl, but --multi-task-manager taskset cannot place memory"),
-    (["--dry-run", "--machine", str(MACHINES / "xeon-max-9480-flat-snc4"), "--multi-task-manager", "sched",
-      "--memory-node", "hbm", "x.py"], "--multi-task-manager sched cannot place memory"),
-    (["--bogus-flag", "x.py"], "unrecognized arguments"),
-    (["--memory-allocator", "jemalloc", "--dry-run", "x.py"], None),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--nodes-list", "7", "x.py"], "NUMA node 7 in --nodes-list does not exist"),
+        (["--ninstances", "99", "x.py"], "lower --ninstances"),
+        (["--hostfile", "/nonexistent/hosts", "x.py"], "cannot read hostfile /nonexistent/hosts"),
+        (["--nnodes", "2", "x.py"], "needs --hostfile"),
+        (["--topology", "/nonexistent.lscpu", "--dry-run", "x.py"], "cannot read topology file"),
+        (["--nodes-list", "a-b", "x.py"], "bad CPU list"),
+        (["--ninstances", "1"], "no PROGRAM given"),
+        (["--multi-task-manager", "sched", "/nonexistent/prog"], "program /nonexistent/prog not found"),
+        (["/nonexistent/train.py"], "script /nonexistent/train.py not found"),
+        (["--topology", str(TOPOS / "1s4c_noht.lscpu"), "x.py"], "add --dry-run"),
+        (["--allowed-cpus", "0-4095", "x.py"], "includes CPUs this process may not use"),
+        (
+            ["--launcher", "mpi", "--nnodes", "0", "x.py"],
+            "argument --nnodes: expected a whole number from 1 to 65536, got '0'",
+        ),
+        (
+            ["--nprocs-per-node", "0", "x.py"],
+            "argument --nprocs-per-node: expected a whole number from 1 to 8192, got '0'",
+        ),
+        (["--ninstances", "-2", "x.py"], "argument --ninstances: expected a whole number from 1 to 8192, got '-2'"),
+        (["--ncores-per-instance", "0", "x.py"], "argument --ncores-per-instance: expected a whole number from 1 to"),
+        (
+            ["--master-port", "99999", "x.py"],
+            "argument --master-port: expected a whole number from 1 to 65535, got '99999'",
+        ),
+        (["--master-port", "-1", "x.py"], "argument --master-port: expected a whole number from 1 to 65535, got '-1'"),
+        (["--master-port", "http", "x.py"], "argument --master-port: expected a whole number from 1 to 65535"),
+        (["--node-rank", "-1", "x.py"], "argument --node-rank: expected a whole number from 0 to 65535, got '-1'"),
+        (["--dry-run", "--launcher", "torchrun-env", "--node-rank", "1", "x.py"], "--node-rank 1 is outside 0..0"),
+        (["--ccl-worker-count", "-1", "x.py"], "argument --ccl-worker-count: expected a whole number from 0 to 64"),
+        (["--grace-period", "-1", "x.py"], "argument --grace-period: expected a number from 0 to 3600, got '-1'"),
+        (["--grace-period", "nan", "x.py"], "argument --grace-period: expected a number from 0 to 3600, got 'nan'"),
+        (
+            ["--dry-run", "--machine", str(MACHINES / "xeon-8160-2s"), "--memory-node", "99", "x.py"],
+            f"no NUMA node 99 with memory on {MACHINES / 'xeon-8160-2s'} (nodes: 0-1)",
+        ),
+        (
+            ["--dry-run", "--machine", str(MACHINES / "xeon-phi-7250-flat-quadrant"), "--memory-node", "2", "x.py"],
+            "(nodes: 0-1); pick one of them, hbm or ddr",
+        ),
+        (["--dry-run", "--memory-node", "4096", "x.py"], "no NUMA node 4096 with memory"),
+        (["--dry-run", "--memory-node", "fast", "x.py"], "'fast' is not hbm, ddr or a NUMA node number"),
+        (["--dry-run", "--memory-node", "-1", "x.py"], "is not hbm, ddr or a NUMA node number"),
+        (
+            ["--dry-run", "--topology", str(TOPOS / "1s4c_noht.lscpu"), "--memory-node", "hbm", "x.py"],
+            "plan with --machine DIR",
+        ),
+        (["--machine", str(MACHINES / "xeon-8160-2s"), "x.py"], "add --dry-run"),
+        (["--dry-run", "--machine", "/nonexistent", "x.py"], "python -m affinity.machine --save DIR"),
+        (["--dry-run", "--machine", str(MACHINES), "x.py"], "cpuinfo"),
+        (
+            [
+                "--dry-run",
+                "--machine",
+                str(MACHINES / "xeon-8160-2s"),
+                "--topology",
+                str(TOPOS / "1s4c_noht.lscpu"),
+                "x.py",
+            ],
+            "not allowed with argument",
+        ),
+        (
+            ["--dry-run", "--multi-task-manager", "taskset", "--memory-node", "ddr", "x.py"],
+            "--memory-node ddr needs numactl, but --multi-task-manager taskset cannot place memory",
+        ),
+        (
+            [
+                "--dry-run",
+                "--machine",
+                str(MACHINES / "xeon-max-9480-flat-snc4"),
+                "--multi-task-manager",
+                "sched",
+                "--memory-node",
+                "hbm",
+                "x.py",
+            ],
+            "--multi-task-manager sched cannot place memory",
+        ),
+        (["--bogus-flag", "x.py"], "unrecognized arguments"),
+        (["--memory-allocator", "jemalloc", "--dry-run", "x.py"], None),
+    ],
+)
 def test_bad_input_gives_one_line_error_and_exit_2(args, message):
     res = lars_run(*args)
     if message is None:  # only an error when jemalloc is really missing here
@@ -404,11 +501,32 @@ def test_bad_hostfile_entry_names_the_line(tmp_path):
 def test_help_documents_every_ipexrun_flag():
     res = lars_run("--help")
     assert res.returncode == 0
-    for flag in ["--grace-period", "--ninstances", "--ncores-per-instance", "--nodes-list", "--use-logical-cores",
-                 "--throughput-mode", "--latency-mode", "--memory-allocator", "--omp-runtime",
-                 "--multi-task-manager", "--nnodes", "--nprocs-per-node", "--ccl-worker-count",
-                 "--logical-cores-for-ccl", "--hostfile", "--master-addr", "--master-port", "--log-dir",
-                 "--launcher", "--dry-run", "--json", "--topology", "--machine", "--memory-node"]:
+    for flag in [
+        "--grace-period",
+        "--ninstances",
+        "--ncores-per-instance",
+        "--nodes-list",
+        "--use-logical-cores",
+        "--throughput-mode",
+        "--latency-mode",
+        "--memory-allocator",
+        "--omp-runtime",
+        "--multi-task-manager",
+        "--nnodes",
+        "--nprocs-per-node",
+        "--ccl-worker-count",
+        "--logical-cores-for-ccl",
+        "--hostfile",
+        "--master-addr",
+        "--master-port",
+        "--log-dir",
+        "--launcher",
+        "--dry-run",
+        "--json",
+        "--topology",
+        "--machine",
+        "--memory-node",
+    ]:
         assert flag in res.stdout
     assert "MCDRAM" in res.stdout and "--preferred" in res.stdout
 
@@ -436,11 +554,34 @@ def test_each_job_gets_its_own_id_and_a_free_port_unless_given(tmp_path):
 def test_nodes_that_each_run_lars_run_agree_on_port_and_job_id(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("10.9.0.1\n10.9.0.2\n")
-    outs = [lars_run("--dry-run", "--json", "--launcher", "torchrun-env", "--hostfile", str(hostfile),
-                     "--nprocs-per-node", "1", "--node-rank", str(n), "x.py") for n in (0, 1)]
+    outs = [
+        lars_run(
+            "--dry-run",
+            "--json",
+            "--launcher",
+            "torchrun-env",
+            "--hostfile",
+            str(hostfile),
+            "--nprocs-per-node",
+            "1",
+            "--node-rank",
+            str(n),
+            "x.py",
+        )
+        for n in (0, 1)
+    ]
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
     notes = [next(n for n in json.loads(o.stdout)["notes"] if n.startswith("job id")) for o in outs]
     assert notes[0] == notes[1] and "derived from job id" in notes[0]
-    other = lars_run("--dry-run", "--json", "--launcher", "torchrun-env", "--hostfile", str(hostfile),
-                     "--nprocs-per-node", "1", "other.py")
+    other = lars_run(
+        "--dry-run",
+        "--json",
+        "--launcher",
+        "torchrun-env",
+        "--hostfile",
+        str(hostfile),
+        "--nprocs-per-node",
+        "1",
+        "other.py",
+    )
     assert next(n for n in json.loads(other.stdout)["notes"] if n.startswith("job id")) != notes[0]

@@ -21,8 +21,13 @@ ARG_LIMIT = 128 * 1024  # Linux: one argument at most (MAX_ARG_STRLEN)
 
 
 def lars_run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launchers", *args], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [sys.executable, "-m", "launchers", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 def command_bytes(argv: list[str]) -> int:
@@ -36,8 +41,23 @@ def test_the_command_for_2048_nodes_is_as_small_as_for_2(tmp_path, launcher):
         hosts = tmp_path / f"hosts{nodes}"
         hosts.write_text("".join(f"node{i:04d}\n" for i in range(nodes)))
         start = time.monotonic()
-        res = lars_run("--dry-run", "--json", "--launcher", launcher, "--topology", str(TOPO), "--hostfile",
-                       str(hosts), "--nprocs-per-node", "2", "--mpiexec", "/bin/true", "-m", "ipex_lars", "train")
+        res = lars_run(
+            "--dry-run",
+            "--json",
+            "--launcher",
+            launcher,
+            "--topology",
+            str(TOPO),
+            "--hostfile",
+            str(hosts),
+            "--nprocs-per-node",
+            "2",
+            "--mpiexec",
+            "/bin/true",
+            "-m",
+            "ipex_lars",
+            "train",
+        )
         took = time.monotonic() - start
         assert res.returncode == 0, res.stderr
         plan = json.loads(res.stdout)
@@ -53,23 +73,40 @@ def test_the_command_for_2048_nodes_is_as_small_as_for_2(tmp_path, launcher):
 def test_mpi_command_is_ipexruns_form_with_extra_params(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("a\nb\n")
-    res = lars_run("--dry-run", "--json", "--topology", str(TOPO), "--hostfile", str(hosts), "--nprocs-per-node",
-                   "2", "--mpiexec", "/bin/true", "--extra-mpi-params=-genv I_MPI_DEBUG 5 -l", "x.py")
+    res = lars_run(
+        "--dry-run",
+        "--json",
+        "--topology",
+        str(TOPO),
+        "--hostfile",
+        str(hosts),
+        "--nprocs-per-node",
+        "2",
+        "--mpiexec",
+        "/bin/true",
+        "--extra-mpi-params=-genv I_MPI_DEBUG 5 -l",
+        "x.py",
+    )
     assert res.returncode == 0, res.stderr
     cmd = json.loads(res.stdout)["command"]
     assert cmd[:6] == ["/bin/true", "-np", "4", "-ppn", "2", "-hostfile"]
     at = cmd.index("I_MPI_DEBUG")
-    assert cmd[at - 1:at + 3] == ["-genv", "I_MPI_DEBUG", "5", "-l"] and cmd[at + 3] == sys.executable
+    assert cmd[at - 1 : at + 3] == ["-genv", "I_MPI_DEBUG", "5", "-l"] and cmd[at + 3] == sys.executable
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--bind-numa-node", "x.py"], "--bind-numa-node (ipexrun) is not a lars-run flag"),
-    (["--launcher", "slurm", "--nnodes", "2", "--extra-mpi-params=-l", "x.py"],
-     "--extra-mpi-params only applies to --launcher mpi"),
-    (["--nprocs-per-node", "2", "--extra-mpi-params", "'unclosed", "x.py"], "No closing quotation"),
-    (["--print-sbatch", "x.py"], "--print-sbatch writes a Slurm batch script; add --launcher slurm"),
-    (["--ninstances", "2", "--iface", "eth0", "x.py"], "--iface applies to ranks that talk"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--bind-numa-node", "x.py"], "--bind-numa-node (ipexrun) is not a lars-run flag"),
+        (
+            ["--launcher", "slurm", "--nnodes", "2", "--extra-mpi-params=-l", "x.py"],
+            "--extra-mpi-params only applies to --launcher mpi",
+        ),
+        (["--nprocs-per-node", "2", "--extra-mpi-params", "'unclosed", "x.py"], "No closing quotation"),
+        (["--print-sbatch", "x.py"], "--print-sbatch writes a Slurm batch script; add --launcher slurm"),
+        (["--ninstances", "2", "--iface", "eth0", "x.py"], "--iface applies to ranks that talk"),
+    ],
+)
 def test_ipexrun_flags_that_do_not_apply_are_refused_in_one_line(args, message):
     res = lars_run("--dry-run", *args)
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and message in res.stderr, res.stderr
@@ -84,8 +121,18 @@ def test_slurm_hostlists_expand_like_scontrol():
 
 
 def test_inside_an_allocation_slurm_needs_no_hostfile_and_leaves_master_to_the_ranks():
-    res = lars_run("--dry-run", "--json", "--launcher", "slurm", "--topology", str(TOPO), "--nprocs-per-node", "2",
-                   "x.py", env={"SLURM_JOB_NODELIST": "cn[07-09]", "SLURM_JOB_ID": "4242"})
+    res = lars_run(
+        "--dry-run",
+        "--json",
+        "--launcher",
+        "slurm",
+        "--topology",
+        str(TOPO),
+        "--nprocs-per-node",
+        "2",
+        "x.py",
+        env={"SLURM_JOB_NODELIST": "cn[07-09]", "SLURM_JOB_ID": "4242"},
+    )
     assert res.returncode == 0, res.stderr
     plan = json.loads(res.stdout)
     assert [n["host"] for n in plan["nodes"]] == ["cn07", "cn08", "cn09"]
@@ -95,33 +142,82 @@ def test_inside_an_allocation_slurm_needs_no_hostfile_and_leaves_master_to_the_r
 
 
 def test_print_sbatch_allocates_the_plan_and_reruns_the_same_command():
-    res = lars_run("--launcher", "slurm", "--print-sbatch", "--topology", str(TOPO), "--nnodes", "4",
-                   "--nprocs-per-node", "2", "-m", "ipex_lars", "train", "--recipe", "digits")
+    res = lars_run(
+        "--launcher",
+        "slurm",
+        "--print-sbatch",
+        "--topology",
+        str(TOPO),
+        "--nnodes",
+        "4",
+        "--nprocs-per-node",
+        "2",
+        "-m",
+        "ipex_lars",
+        "train",
+        "--recipe",
+        "digits",
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == "#!/bin/bash"
     assert {"#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=4"} <= set(lines)
-    assert shlex.split(lines[-1]) == ["exec", sys.executable, "-m", "launchers", "--launcher", "slurm", "--topology",
-                                      str(TOPO), "--nnodes", "4", "--nprocs-per-node", "2", "-m", "ipex_lars",
-                                      "train", "--recipe", "digits"]
+    assert shlex.split(lines[-1]) == [
+        "exec",
+        sys.executable,
+        "-m",
+        "launchers",
+        "--launcher",
+        "slurm",
+        "--topology",
+        str(TOPO),
+        "--nnodes",
+        "4",
+        "--nprocs-per-node",
+        "2",
+        "-m",
+        "ipex_lars",
+        "train",
+        "--recipe",
+        "digits",
+    ]
 
 
-PROBE = ("import json, os; print('PROBE ' + json.dumps({'affinity': sorted(os.sched_getaffinity(0)), "
-         "'omp': os.environ.get('OMP_NUM_THREADS'), 'plan': os.environ.get('LARS_RANK_PLAN')}))")
+PROBE = (
+    "import json, os; print('PROBE ' + json.dumps({'affinity': sorted(os.sched_getaffinity(0)), "
+    "'omp': os.environ.get('OMP_NUM_THREADS'), 'plan': os.environ.get('LARS_RANK_PLAN')}))"
+)
 
 
 def shim(spec: dict, local: int, cpus: str) -> subprocess.CompletedProcess:
     """The rank shim as hydra starts it, on a "node" whose CPUs are ``cpus`` (its affinity mask)."""
     env = dict(os.environ, LARS_RANK_PLAN=json.dumps(spec), MPI_LOCALRANKID=str(local))
-    return subprocess.run(["taskset", "-c", cpus, sys.executable, "-m", "launchers.rank_exec", "--", sys.executable,
-                           "-c", PROBE], capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        ["taskset", "-c", cpus, sys.executable, "-m", "launchers.rank_exec", "--", sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 def spec(ninstances: int) -> dict:
-    request = {"ninstances": ninstances, "ncores_per_instance": None, "nodes_list": None, "use_logical_cores": False,
-               "ccl_worker_count": 0, "logical_cores_for_ccl": False, "mode": None}
-    return {"request": request, "allowed": None, "memory_allocator": "default", "omp_runtime": "default",
-            "memory_node": None}
+    request = {
+        "ninstances": ninstances,
+        "ncores_per_instance": None,
+        "nodes_list": None,
+        "use_logical_cores": False,
+        "ccl_worker_count": 0,
+        "logical_cores_for_ccl": False,
+        "mode": None,
+    }
+    return {
+        "request": request,
+        "allowed": None,
+        "memory_allocator": "default",
+        "omp_runtime": "default",
+        "memory_node": None,
+    }
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 allowed CPUs")

@@ -76,7 +76,7 @@ def live_pids(sids: set[int], pids: set[int]) -> set[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        state, _, _, sid = stat[stat.rindex(")") + 2:].split()[:4]
+        state, _, _, sid = stat[stat.rindex(")") + 2 :].split()[:4]
         if state != "Z" and (int(sid) in sids or int(entry) in pids):
             found.add(int(entry))
     return found
@@ -91,10 +91,13 @@ class Job:
         script = tmp_path / "rank.py"
         script.write_text(RANK)
         self.log = open(tmp_path / "lars-run.err", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "launchers", *LAUNCHERS[launcher], *flags,
-                                      str(script), str(self.out), mode, "2"],
-                                     stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True,
-                                     preexec_fn=default_stop_signals)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "launchers", *LAUNCHERS[launcher], *flags, str(script), str(self.out), mode, "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            start_new_session=True,
+            preexec_fn=default_stop_signals,
+        )
         self.ranks: dict[int, tuple[int, bool]] = {}  # pid -> (session, is the last-CPU rank)
 
     def wait_until_up(self) -> None:
@@ -111,8 +114,9 @@ class Job:
 
     def saved(self) -> dict[int, str]:
         """pid -> signal name, for every rank whose handler ran."""
-        return {pid: (self.out / f"saved_{pid}").read_text() for pid in self.ranks
-                if (self.out / f"saved_{pid}").exists()}
+        return {
+            pid: (self.out / f"saved_{pid}").read_text() for pid in self.ranks if (self.out / f"saved_{pid}").exists()
+        }
 
     def alive(self) -> set[int]:
         return live_pids({self.proc.pid} | {sid for sid, _ in self.ranks.values()}, set(self.ranks))
@@ -206,8 +210,9 @@ def test_sigkilled_rank_stops_the_others(tmp_path, launcher):
         print(f"TIMING {launcher} rank-SIGKILL-to-all-gone {gone - start:.2f}")
         assert job.proc.returncode == 128 + signal.SIGKILL
         assert set(job.saved()) == set(job.ranks) - {job.pid_of_last()}
-        assert f"lars-run: rank {LAST} on {HOST[launcher]} (pid {job.pid_of_last()}) was killed by SIGKILL" \
-            in job.stderr()
+        assert (
+            f"lars-run: rank {LAST} on {HOST[launcher]} (pid {job.pid_of_last()}) was killed by SIGKILL" in job.stderr()
+        )
     finally:
         job.cleanup()
 
@@ -251,18 +256,39 @@ def run_guard(tmp_path: Path, mode: str, *flags: str) -> tuple[subprocess.Popen,
     script.write_text(RANK)
     env = dict(os.environ, SLURM_PROCID="5")
     env.pop("PMI_FD", None)
-    proc = subprocess.Popen([sys.executable, "-m", "launchers.guard", *flags, "--", "taskset", "-c",
-                             str(ALLOWED[-1]), sys.executable, str(script), str(out), mode, "1"],
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-                            preexec_fn=default_stop_signals)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launchers.guard",
+            *flags,
+            "--",
+            "taskset",
+            "-c",
+            str(ALLOWED[-1]),
+            sys.executable,
+            str(script),
+            str(out),
+            mode,
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=default_stop_signals,
+    )
     return proc, out
 
 
-@pytest.mark.parametrize("mode,grace,signals,code,saved", [
-    ("save", "1", 1, 0, True),             # forwarded; the program's own exit code passes through
-    ("ignore-last", "1", 1, 137, False),   # SIGKILLed after the grace period
-    ("ignore-last", "30", 2, 137, False),  # SIGKILLed at a second signal (hydra's proxy when mpiexec is gone)
-])
+@pytest.mark.parametrize(
+    "mode,grace,signals,code,saved",
+    [
+        ("save", "1", 1, 0, True),  # forwarded; the program's own exit code passes through
+        ("ignore-last", "1", 1, 137, False),  # SIGKILLed after the grace period
+        ("ignore-last", "30", 2, 137, False),  # SIGKILLed at a second signal (hydra's proxy when mpiexec is gone)
+    ],
+)
 def test_guard_forwards_sigterm_and_enforces_the_grace_period(tmp_path, mode, grace, signals, code, saved):
     proc, out = run_guard(tmp_path, mode, "--grace-period", grace)
     try:

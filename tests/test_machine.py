@@ -81,8 +81,12 @@ def test_doctor_on_a_missing_description_is_one_line_exit_2(tmp_path):
 
 
 def test_a_saved_description_of_this_machine_reads_back_the_same(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "affinity.machine", "--save", str(tmp_path / "here")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "affinity.machine", "--save", str(tmp_path / "here")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and "Warning" not in out.stderr, out.stderr
     saved, here = load_machine(tmp_path / "here"), this_machine()
     assert saved.cpu == here.cpu
@@ -102,7 +106,9 @@ def test_broken_node_trees_name_the_file(tmp_path):
 
 
 def test_cpuinfo_takes_the_first_processor():
-    cpu = parse_cpuinfo("processor : 0\nmodel name : A\nflags : avx2 fma\n\nprocessor : 1\nmodel name : B\nflags : sse\n")
+    cpu = parse_cpuinfo(
+        "processor : 0\nmodel name : A\nflags : avx2 fma\n\nprocessor : 1\nmodel name : B\nflags : sse\n"
+    )
     assert cpu.model == "A" and cpu.vector_isa == "avx2"
     assert parse_cpuinfo("").vector_isa == "default"
 

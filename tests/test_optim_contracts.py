@@ -22,18 +22,22 @@ IMPLS = ("reference", "foreach", "fused")
 
 def _model(dtype=torch.float32, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).to(dtype)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).to(
+        dtype
+    )
 
 
 def _batches(n: int, dtype=torch.float32, seed: int = 1) -> list:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 3, 6, 6, generator=gen).to(dtype), torch.randint(0, 3, (8,), generator=gen))
-            for _ in range(n)]
+    return [
+        (torch.randn(8, 3, 6, 6, generator=gen).to(dtype), torch.randint(0, 3, (8,), generator=gen)) for _ in range(n)
+    ]
 
 
 def _opt(model: nn.Module, impl: str, **kw) -> LARS:
-    return LARS(lars_param_groups(model, weight_decay=kw.pop("weight_decay", 1e-3)), lr=kw.pop("lr", 1.0),
-                impl=impl, **kw)
+    return LARS(
+        lars_param_groups(model, weight_decay=kw.pop("weight_decay", 1e-3)), lr=kw.pop("lr", 1.0), impl=impl, **kw
+    )
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, batches: list) -> None:
@@ -57,6 +61,7 @@ def impl(request) -> str:
 
 
 # --- state_dict ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_state_dict_round_trip_continues_bit_for_bit(impl, dtype):
@@ -100,6 +105,7 @@ def test_state_entries_that_are_not_tensors_survive_a_load(impl):
 
 
 # --- hooks --------------------------------------------------------------------------------
+
 
 def test_step_hooks_run_once_per_step(impl):
     model = _model()
@@ -151,6 +157,7 @@ def test_load_hooks_see_and_edit_momentum_and_masters(impl, dtype):
 
 # --- steps that must not change anything -----------------------------------------------
 
+
 def test_a_step_without_gradients_changes_nothing_and_creates_no_state(impl):
     model = _model()
     opt = _opt(model, impl)
@@ -181,13 +188,16 @@ def test_gradients_are_never_modified(impl):
 
 # --- layouts --------------------------------------------------------------------------------
 
+
 def _strided_params() -> list[nn.Parameter]:
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(40, 600, generator=gen)
-    return [nn.Parameter(base.t()),                                     # transposed
-            nn.Parameter(torch.randn(300, 80, generator=gen)[:, ::3]),  # sliced with a step
-            nn.Parameter(torch.randn(7, 1, generator=gen).expand(7, 5).clone().t()),  # expanded, materialised, viewed
-            nn.Parameter(torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last))]
+    return [
+        nn.Parameter(base.t()),  # transposed
+        nn.Parameter(torch.randn(300, 80, generator=gen)[:, ::3]),  # sliced with a step
+        nn.Parameter(torch.randn(7, 1, generator=gen).expand(7, 5).clone().t()),  # expanded, materialised, viewed
+        nn.Parameter(torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last)),
+    ]
 
 
 def test_strided_parameters_step_like_their_contiguous_twins(impl):
@@ -211,6 +221,7 @@ def test_strided_parameters_step_like_their_contiguous_twins(impl):
 
 # --- state and groups changed between steps ------------------------------------------------
 
+
 def _continue_and_compare(impl: str, change, expected_restart: bool) -> None:
     batches = _batches(4)
     model = _model()
@@ -233,6 +244,7 @@ def test_replaced_momentum_buffers_are_the_ones_used(impl):
     def zero(opt):
         for p in list(opt.state):
             opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
     _continue_and_compare(impl, zero, expected_restart=True)
 
 
@@ -241,6 +253,7 @@ def test_momentum_replaced_through_a_held_entry_is_the_one_used(impl):
         entries = [opt.state[p] for p in list(opt.state)]  # a loop holds the entries, then edits them
         for p, entry in zip(list(opt.state), entries):
             entry.update(momentum_buffer=torch.zeros_like(p))
+
     _continue_and_compare(impl, zero, expected_restart=True)
 
 
@@ -248,6 +261,7 @@ def test_a_plain_dict_stored_as_state_is_the_one_used_and_watched(impl):
     def replace(opt):
         for p in list(opt.state):
             opt.state[p] = {"momentum_buffer": opt.state[p]["momentum_buffer"].clone()}
+
     _continue_and_compare(impl, replace, expected_restart=False)
 
     model = _model()
@@ -320,6 +334,7 @@ def test_a_one_element_tensor_lr_steps_like_the_number(impl):
 
 # --- invalid input changes nothing -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("bad", ["shape", "dtype", "sparse"])
 def test_an_invalid_input_raises_before_anything_is_written(impl, bad):
     ps = [nn.Parameter(torch.randn(50)) for _ in range(3)]
@@ -344,6 +359,7 @@ def test_an_invalid_input_raises_before_anything_is_written(impl, bad):
 
 # --- copies and printing ------------------------------------------------------------------
 
+
 def test_deepcopy_and_pickle_give_optimizers_that_continue_identically(impl):
     model = _model()
     opt = _opt(model, impl)
@@ -362,6 +378,7 @@ def test_printing_shows_the_settings(impl):
 
 
 # --- convergence --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("adapt,lr", [(True, 3e-3), (False, 1e-3)])
 def test_rosenbrock_reaches_its_minimum(impl, adapt, lr):
@@ -399,6 +416,7 @@ def test_a_small_model_learns_separable_data(impl, dtype):
 
 # --- the functional step ------------------------------------------------------------------
 
+
 def test_the_functional_step_is_what_the_optimizer_does(impl):
     model_a, model_b = _model(torch.bfloat16), _model(torch.bfloat16)
     opt = _opt(model_a, impl)
@@ -410,7 +428,20 @@ def test_the_functional_step_is_what_the_optimizer_does(impl):
         ps = group["params"]
         masters = [p.detach().float() for p in ps]
         bufs = [torch.zeros_like(m) for m in masters]
-        lars(ps, [p.grad for p in ps], bufs, masters, lr=1.0, momentum=0.9, weight_decay=group["weight_decay"],
-             trust_coefficient=0.001, eps=0.0, nesterov=False, momentum_style="paper", clip=False,
-             adapt=group.get("lars", True), impl=impl)
+        lars(
+            ps,
+            [p.grad for p in ps],
+            bufs,
+            masters,
+            lr=1.0,
+            momentum=0.9,
+            weight_decay=group["weight_decay"],
+            trust_coefficient=0.001,
+            eps=0.0,
+            nesterov=False,
+            momentum_style="paper",
+            clip=False,
+            adapt=group.get("lars", True),
+            impl=impl,
+        )
     assert _same_models(model_a, model_b)

@@ -29,8 +29,16 @@ GB = 1e9
 
 def _inputs(**overrides) -> PlanInputs:
     """4 ranks, 30 images each at 100 img/s (compute 0.3 s), 1e8-byte gradients, 10 GB/s, no latency."""
-    base = dict(params=25_000_000, nodes=4, node_throughput=100.0, global_batch=120, epochs=1.0,
-                network=Network(latency_s=0.0, bandwidth_bytes_s=10 * GB), dataset_size=1200, overlap=2 / 3)
+    base = dict(
+        params=25_000_000,
+        nodes=4,
+        node_throughput=100.0,
+        global_batch=120,
+        epochs=1.0,
+        network=Network(latency_s=0.0, bandwidth_bytes_s=10 * GB),
+        dataset_size=1200,
+        overlap=2 / 3,
+    )
     return PlanInputs(**{**base, **overrides})
 
 
@@ -54,8 +62,9 @@ def test_ring_bandwidth_term_is_2_p_minus_1_over_p_n_over_b():
     assert allreduce_cost("rabenseifner", 4, 1e8, net).transfer_s == pytest.approx(cost.transfer_s)
 
 
-@pytest.mark.parametrize("ranks, ring_messages, rabenseifner_messages",
-                         [(2, 2, 2), (8, 14, 6), (6, 10, 6), (1024, 2046, 20)])
+@pytest.mark.parametrize(
+    "ranks, ring_messages, rabenseifner_messages", [(2, 2, 2), (8, 14, 6), (6, 10, 6), (1024, 2046, 20)]
+)
 def test_latency_terms_ring_2_p_minus_1_vs_rabenseifner_2_log2_p(ranks, ring_messages, rabenseifner_messages):
     net = Network(latency_s=1e-6, bandwidth_bytes_s=math.inf)
     assert allreduce_cost("ring", ranks, 1e6, net).latency_s == pytest.approx(ring_messages * 1e-6)
@@ -99,8 +108,17 @@ def test_overlap_hides_the_stated_fraction_of_compute_and_no_more(overlap, expos
 
 
 def test_time_to_train_is_epochs_times_dataset_over_batch_iterations():
-    p = predict(_inputs(network=_net_for(0.5), epochs=90, dataset_size=1_281_167, global_batch=32_768, nodes=1024,
-                        params=1, node_throughput=1000.0))
+    p = predict(
+        _inputs(
+            network=_net_for(0.5),
+            epochs=90,
+            dataset_size=1_281_167,
+            global_batch=32_768,
+            nodes=1024,
+            params=1,
+            node_throughput=1000.0,
+        )
+    )
     assert p.iterations == pytest.approx(90 * 1_281_167 / 32_768)  # 3518.77
     assert p.time_to_train_s == pytest.approx(p.iterations * p.iteration_s)
     assert p.throughput == pytest.approx(32_768 / p.iteration_s)
@@ -111,8 +129,22 @@ def test_time_to_train_is_epochs_times_dataset_over_batch_iterations():
 def test_ranks_per_node_share_the_node_throughput_and_bandwidth():
     p = predict(_inputs(nodes=2, ranks_per_node=2, node_throughput=200.0))
     assert p.ranks == 4 and p.compute_s == pytest.approx(30 / 100)
-    out = run_cli("plan", "--nodes", "16", "--ranks-per-node", "2", "--throughput", "500", "--global-batch", "3200",
-                  "--latency-us", "5", "--bandwidth-gbps", "200", "--json")
+    out = run_cli(
+        "plan",
+        "--nodes",
+        "16",
+        "--ranks-per-node",
+        "2",
+        "--throughput",
+        "500",
+        "--global-batch",
+        "3200",
+        "--latency-us",
+        "5",
+        "--bandwidth-gbps",
+        "200",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)["predictions"][0]
     assert plan["ranks"] == 32 and plan["compute_s"] == pytest.approx(100 / 250)
@@ -173,10 +205,17 @@ def test_model_presets_are_the_real_models_parameter_counts(name):
 
 def test_from_bench_takes_the_best_rate_of_the_chosen_model(tmp_path):
     path = tmp_path / "bench.json"
-    path.write_text(json.dumps({"results": [
-        {"model": "resnet50", "images_per_second": 17.3, "ranks": 1},
-        {"model": "resnet50", "images_per_second": 18.1, "ranks": 2},
-        {"model": "alexnet_bn", "images_per_second": 90.0, "ranks": 1}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "results": [
+                    {"model": "resnet50", "images_per_second": 17.3, "ranks": 1},
+                    {"model": "resnet50", "images_per_second": 18.1, "ranks": 2},
+                    {"model": "alexnet_bn", "images_per_second": 90.0, "ranks": 1},
+                ]
+            }
+        )
+    )
     assert read_bench_throughput(str(path), "resnet50") == 18.1
     assert read_bench_throughput(str(path), "alexnet_bn") == 90.0
 
@@ -207,8 +246,11 @@ def test_check_json_names_every_source_and_marks_circular_throughputs():
         # time. The check against independent throughputs is below.
         given = r["inputs"]
         if "from the published" in given["node_throughput"]["source"]:
-            implied = given["epochs"]["value"] * given["dataset_size"]["value"] / (
-                r["published_minutes"] * 60 * given["nodes"]["value"])
+            implied = (
+                given["epochs"]["value"]
+                * given["dataset_size"]["value"]
+                / (r["published_minutes"] * 60 * given["nodes"]["value"])
+            )
             assert r["node_throughput"] == pytest.approx(implied)
         assert r["percent_off"] == pytest.approx(100 * (r["predicted_minutes"] / r["published_minutes"] - 1))
         assert r["circular"] is True and r["inputs"]["node_throughput"]["circular"] is True
@@ -248,8 +290,11 @@ def test_check_predicts_with_the_independent_throughput_next_to_the_circular_one
     assert rows["mlperf-v3.0"]["independent"] is None and rows["mlperf-v3.0"]["independent_missing"]
     text = run_cli("plan", "--check")
     assert text.returncode == 0, text.stderr
-    table = {line.split()[0]: line for line in text.stdout.splitlines()
-             if line.split() and line.split()[0] in SCENARIO_NAMES and "min" in line}
+    table = {
+        line.split()[0]: line
+        for line in text.stdout.splitlines()
+        if line.split() and line.split()[0] in SCENARIO_NAMES and "min" in line
+    }
     assert "+0.0%" in table["paper-resnet50"] and "-40.6%" in table["paper-resnet50"]  # circular, independent
     assert "+0.0%" in table["paper-alexnet"] and "-54.8%" in table["paper-alexnet"]
     assert "none found" in table["mlperf-v3.0"] and "-1.1%" in table["mlperf-v3.0"]
@@ -265,8 +310,7 @@ def test_check_flags_apply_to_the_independent_prediction_too():
 def test_plan_explains_every_term_on_its_own_line():
     out = run_cli("plan", "--scenario", "mlperf-v3.0", "--overlap", "0")
     assert out.returncode == 0, out.stderr
-    for term in ("compute", "allreduce", "hidden", "exposed", "iteration", "time to train", "throughput",
-                 "efficiency"):
+    for term in ("compute", "allreduce", "hidden", "exposed", "iteration", "time to train", "throughput", "efficiency"):
         assert any(line.strip().startswith(term) for line in out.stdout.splitlines()), term
     assert "published: 88 min" in out.stdout
 
@@ -284,25 +328,76 @@ def test_nodes_list_prints_a_scaling_table_and_json(tmp_path):
     assert data["sources"]["latency_us"]["value"] == 20.0 and str(net) in data["sources"]["latency_us"]["source"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--nodes", "0", "--throughput", "10", "--global-batch", "64", "--latency-us", "1", "--bandwidth-gbps", "10"],
-     "--nodes must be at least 1, got 0: give the node count, e.g. --nodes 16"),
-    (["--nodes", "4", "--throughput", "10", "--global-batch", "64", "--latency-us", "1", "--bandwidth-gbps", "-5"],
-     "--bandwidth-gbps must be positive: give the link speed in Gbit/s, e.g. --bandwidth-gbps 100"),
-    (["--nodes", "64", "--throughput", "10", "--global-batch", "32", "--latency-us", "1", "--bandwidth-gbps", "10"],
-     "global batch 32 is smaller than the 64 ranks, so some rank gets no image: raise --global-batch or lower --nodes"),
-    (["--scenario", "imagenet-in-1s"],
-     "unknown scenario 'imagenet-in-1s'; choose one of paper-alexnet, paper-resnet50, mlperf-v3.0"),
-    (["--from-bench", "/no/such/bench.json", "--nodes", "2", "--global-batch", "64"],
-     "cannot read benchmark file /no/such/bench.json: No such file or directory; pass a file written by "
-     "`ipex-lars bench train` (its --out folder's results.json), or give --throughput IMG_S"),
-    (["--network", "NOTJSON", "--nodes", "2", "--throughput", "1", "--global-batch", "8"],
-     "cannot read network file NOTJSON: {json error}; pass a file written by `ipex-lars plan --calibrate --save "
-     "FILE.json`"),
-    (["--nodes", "4", "--throughput", "10", "--global-batch", "64"],
-     "the network is unknown: give --latency-us and --bandwidth-gbps, --network FILE.json (written by --calibrate "
-     "--save), or --scenario NAME"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            [
+                "--nodes",
+                "0",
+                "--throughput",
+                "10",
+                "--global-batch",
+                "64",
+                "--latency-us",
+                "1",
+                "--bandwidth-gbps",
+                "10",
+            ],
+            "--nodes must be at least 1, got 0: give the node count, e.g. --nodes 16",
+        ),
+        (
+            [
+                "--nodes",
+                "4",
+                "--throughput",
+                "10",
+                "--global-batch",
+                "64",
+                "--latency-us",
+                "1",
+                "--bandwidth-gbps",
+                "-5",
+            ],
+            "--bandwidth-gbps must be positive: give the link speed in Gbit/s, e.g. --bandwidth-gbps 100",
+        ),
+        (
+            [
+                "--nodes",
+                "64",
+                "--throughput",
+                "10",
+                "--global-batch",
+                "32",
+                "--latency-us",
+                "1",
+                "--bandwidth-gbps",
+                "10",
+            ],
+            "global batch 32 is smaller than the 64 ranks, so some rank gets no image: "
+            "raise --global-batch or lower --nodes",
+        ),
+        (
+            ["--scenario", "imagenet-in-1s"],
+            "unknown scenario 'imagenet-in-1s'; choose one of paper-alexnet, paper-resnet50, mlperf-v3.0",
+        ),
+        (
+            ["--from-bench", "/no/such/bench.json", "--nodes", "2", "--global-batch", "64"],
+            "cannot read benchmark file /no/such/bench.json: No such file or directory; pass a file written by "
+            "`ipex-lars bench train` (its --out folder's results.json), or give --throughput IMG_S",
+        ),
+        (
+            ["--network", "NOTJSON", "--nodes", "2", "--throughput", "1", "--global-batch", "8"],
+            "cannot read network file NOTJSON: {json error}; pass a file written by `ipex-lars plan --calibrate --save "
+            "FILE.json`",
+        ),
+        (
+            ["--nodes", "4", "--throughput", "10", "--global-batch", "64"],
+            "the network is unknown: give --latency-us and --bandwidth-gbps, "
+            "--network FILE.json (written by --calibrate --save), or --scenario NAME",
+        ),
+    ],
+)
 def test_bad_input_exits_2_with_one_line_naming_the_problem(args, message, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -311,7 +406,8 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(args, message, tmp_p
     out, err = capsys.readouterr()
     # the one varying part: the JSON parser's own words for what is wrong
     expected = re.escape("ipex-lars plan: error: " + message.replace("NOTJSON", str(bad))).replace(
-        re.escape("{json error}"), "Expecting property name .*")
+        re.escape("{json error}"), "Expecting property name .*"
+    )
     assert re.fullmatch(expected + "\n", err), err
     assert out == ""
 
@@ -319,15 +415,26 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(args, message, tmp_p
 def test_bad_input_ends_the_installed_command_with_exit_2():
     out = run_cli("plan", "--scenario", "imagenet-in-1s")
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr == ("ipex-lars plan: error: unknown scenario 'imagenet-in-1s'; choose one of paper-alexnet, "
-                          "paper-resnet50, mlperf-v3.0\n")
+    assert out.stderr == (
+        "ipex-lars plan: error: unknown scenario 'imagenet-in-1s'; choose one of paper-alexnet, "
+        "paper-resnet50, mlperf-v3.0\n"
+    )
 
 
 @pytest.mark.slow
 def test_calibrate_fits_real_oneccl_allreduces_and_the_plan_reads_them_back(tmp_path):
     saved = tmp_path / "net.json"
-    out = run_cli("plan", "--calibrate", "--calibrate-sizes", "4K,1M,16M", "--calibrate-seconds", "0.1",
-                  "--save", str(saved), timeout=120)
+    out = run_cli(
+        "plan",
+        "--calibrate",
+        "--calibrate-sizes",
+        "4K,1M,16M",
+        "--calibrate-seconds",
+        "0.1",
+        "--save",
+        str(saved),
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "alpha =" in out.stdout and out.stdout.count("%") >= 3  # an error for each measured size
     network = json.loads(saved.read_text())
@@ -335,7 +442,8 @@ def test_calibrate_fits_real_oneccl_allreduces_and_the_plan_reads_them_back(tmp_
     assert network["fitted_on"]["bytes"] == [4096, 1 << 20, 1 << 24]
     assert all(t > 0 for t in network["fitted_on"]["measured_s"])
     assert "DDP step" in out.stdout and network["ddp_step"]["measured_s"] > 0  # the check the fit never saw
-    plan = run_cli("plan", "--network", str(saved), "--nodes", "2", "--throughput", "17", "--global-batch", "64",
-                   "--json")
+    plan = run_cli(
+        "plan", "--network", str(saved), "--nodes", "2", "--throughput", "17", "--global-batch", "64", "--json"
+    )
     assert plan.returncode == 0, plan.stderr
     assert json.loads(plan.stdout)["predictions"][0]["allreduce_s"] > 0

@@ -25,15 +25,33 @@ def test_large_batch_recipes_load_with_auto_precision_and_state_what_to_expect(n
 
 def test_alexnet_recipe_has_the_intel_caffe_release_values():
     cfg = load_config("alexnet-bn-32k")
-    got = (cfg.global_batch, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.trust_coefficient, cfg.warmup_epochs,
-           cfg.poly_power, cfg.epochs, cfg.momentum_style, cfg.image_size)
+    got = (
+        cfg.global_batch,
+        cfg.lr,
+        cfg.momentum,
+        cfg.weight_decay,
+        cfg.trust_coefficient,
+        cfg.warmup_epochs,
+        cfg.poly_power,
+        cfg.epochs,
+        cfg.momentum_style,
+        cfg.image_size,
+    )
     assert got == (32768, 33.0, 0.9, 5e-4, 1e-3, 10, 2.0, 100, "paper", 227)
 
 
 def test_resnet50_32k_recipe_has_the_mlperf_v06_tpu_values():
     cfg = load_config("resnet50-32k")
-    got = (cfg.global_batch, cfg.lr, cfg.warmup_epochs, cfg.weight_decay, cfg.label_smoothing, cfg.end_lr,
-           cfg.momentum_style, cfg.epochs)
+    got = (
+        cfg.global_batch,
+        cfg.lr,
+        cfg.warmup_epochs,
+        cfg.weight_decay,
+        cfg.label_smoothing,
+        cfg.end_lr,
+        cfg.momentum_style,
+        cfg.epochs,
+    )
     assert got == (32768, 31.2, 25, 1e-4, 0.1, 1e-4, "sgd", 76)
 
 

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from affinity.machine import this_machine
 from cli_runner import SCRIPT, run_cli
 from dist_workers import harness
+
+from affinity.machine import this_machine
 from ipex_lars.train import checkpoint
 from ipex_lars.train.config import TrainConfig, load_config
 from ipex_lars.train.engine import train
-
 
 
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
@@ -51,8 +50,19 @@ def test_resume_continues_bit_for_bit(tmp_path):
 
 @pytest.mark.parametrize("model,size", [("resnet50", 32), ("alexnet_bn", 64), ("digits_cnn", 8)])
 def test_each_model_trains_a_few_steps_on_synthetic_data(tmp_path, model, size):
-    cfg = _cfg(tmp_path, model=model, data="synthetic", image_size=size, num_samples=8, num_classes=5,
-               global_batch=4, epochs=1, precision="bf16", channels_last=True, lr=0.5)
+    cfg = _cfg(
+        tmp_path,
+        model=model,
+        data="synthetic",
+        image_size=size,
+        num_samples=8,
+        num_classes=5,
+        global_batch=4,
+        epochs=1,
+        precision="bf16",
+        channels_last=True,
+        lr=0.5,
+    )
     result = train(cfg)
     assert result["steps"] == 2 and result["skipped_steps"] == 0
     state = _weights(checkpoint.all_checkpoints(tmp_path)[-1])
@@ -84,14 +94,17 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli("train", *args, env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--recipe", "nosuch"], "unknown recipe 'nosuch'"),
-    (["--epochs", "0"], "epochs must be >= 1"),
-    (["--global-batch", "5000"], "larger than the 1437 training samples"),
-    (["--global-batch", "100", "--accum-steps", "3"], "does not split into 1 rank(s) x 3"),
-    (["--overlap-optimizer", "--optimizer", "sgd"], "use optimizer lars"),
-    (["--overlap-optimizer", "--backend", "ipex", "--precision", "bf16"], "cannot update IPEX's bf16 master"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--recipe", "nosuch"], "unknown recipe 'nosuch'"),
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--global-batch", "5000"], "larger than the 1437 training samples"),
+        (["--global-batch", "100", "--accum-steps", "3"], "does not split into 1 rank(s) x 3"),
+        (["--overlap-optimizer", "--optimizer", "sgd"], "use optimizer lars"),
+        (["--overlap-optimizer", "--backend", "ipex", "--precision", "bf16"], "cannot update IPEX's bf16 master"),
+    ],
+)
 def test_bad_configuration_is_a_clear_error(tmp_path, args, message):
     out = _cli(*args, "--out-dir", str(tmp_path))
     assert out.returncode == 2
@@ -108,9 +121,13 @@ def test_bad_recipe_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
-    proc = subprocess.Popen([str(SCRIPT), "train", "--out-dir", str(tmp_path), "--epochs", "200",
-                             "--checkpoint-every", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [str(SCRIPT), "train", "--out-dir", str(tmp_path), "--epochs", "200", "--checkpoint-every", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     metrics = tmp_path / "metrics-rank0.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
@@ -149,18 +166,34 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, backend):
         if a[key].is_floating_point() and "running" not in key:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
     # the logged loss is the whole global batch's, not rank 0's half of it
-    one_loss, two_loss = ([json.loads(line)["loss"] for line in (tmp_path / run / "metrics-rank0.jsonl").open()]
-                          for run in ("one", "two"))
+    one_loss, two_loss = (
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics-rank0.jsonl").open()] for run in ("one", "two")
+    )
     assert two_loss == pytest.approx(one_loss, rel=1e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,extra", [("oneccl", ()), ("gloo", ()),
-                                           ("oneccl", ("--precision", "bf16", "--channels-last", "--accum-steps", "2"))])
+@pytest.mark.parametrize(
+    "backend,extra",
+    [("oneccl", ()), ("gloo", ()), ("oneccl", ("--precision", "bf16", "--channels-last", "--accum-steps", "2"))],
+)
 def test_overlapping_the_optimizer_with_allreduce_gives_the_same_weights(tmp_path, backend, extra):
     # 20 KB buckets split the digits CNN's 0.23 MB of gradients, so LARS runs during backward
-    common = ["--epochs", "1", "--max-steps", "4", "--global-batch", "256", "--checkpoint-every", "4",
-              "--dist-backend", backend, "--bucket-cap-mb", "0.02", *extra]
+    common = [
+        "--epochs",
+        "1",
+        "--max-steps",
+        "4",
+        "--global-batch",
+        "256",
+        "--checkpoint-every",
+        "4",
+        "--dist-backend",
+        backend,
+        "--bucket-cap-mb",
+        "0.02",
+        *extra,
+    ]
     after, _ = _two_ranks(*common, "--out-dir", str(tmp_path / "after"))
     overlap, _ = _two_ranks(*common, "--overlap-optimizer", "--out-dir", str(tmp_path / "overlap"))
     assert after["overlapped_bucket_steps"] == 0
@@ -180,9 +213,25 @@ def test_overlapping_the_optimizer_with_allreduce_gives_the_same_weights(tmp_pat
 
 @pytest.mark.slow
 def test_overlap_skips_buckets_with_non_finite_gradients(tmp_path):
-    result, _ = _two_ranks("--epochs", "1", "--max-steps", "3", "--global-batch", "256", "--lr", "1e30",
-                           "--warmup-epochs", "0", "--bucket-cap-mb", "0.02", "--overlap-optimizer",
-                           "--dist-backend", "oneccl", "--out-dir", str(tmp_path))
+    result, _ = _two_ranks(
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--global-batch",
+        "256",
+        "--lr",
+        "1e30",
+        "--warmup-epochs",
+        "0",
+        "--bucket-cap-mb",
+        "0.02",
+        "--overlap-optimizer",
+        "--dist-backend",
+        "oneccl",
+        "--out-dir",
+        str(tmp_path),
+    )
     assert result["skipped_steps"] >= 1 and result["steps"] == 3
 
 
@@ -191,8 +240,10 @@ def test_ipex_backend_trains_and_resumes_exactly(tmp_path, precision):
     pytest.importorskip("intel_extension_for_pytorch", reason="IPEX is only in the ipex stack")
     missing = this_machine().cpu.ipex_bf16_missing()
     if precision == "bf16" and missing:
-        pytest.skip(f"IPEX's bf16 weight prepack needs {missing[0]}, which this CPU lacks "
-                    "(the refusal is tested in test_machine.py)")
+        pytest.skip(
+            f"IPEX's bf16 weight prepack needs {missing[0]}, which this CPU lacks "
+            "(the refusal is tested in test_machine.py)"
+        )
     kw = dict(backend="ipex", precision=precision, epochs=3, checkpoint_every=1)
     train(_cfg(tmp_path / "a", **kw))
     train(_cfg(tmp_path / "b", max_steps=3, **kw))
@@ -206,6 +257,7 @@ def test_ipex_backend_trains_and_resumes_exactly(tmp_path, precision):
 def test_ipex_backend_on_the_native_stack_is_a_clear_error(tmp_path):
     try:
         import intel_extension_for_pytorch  # noqa: F401
+
         pytest.skip("this stack has IPEX")
     except ImportError:
         pass
@@ -258,17 +310,45 @@ def test_a_recipe_whose_optional_package_is_missing_names_the_extra(tmp_path, mo
     from ipex_lars import cli
 
     monkeypatch.setitem(sys.modules, "torchvision", None)  # as after `pip install ipex-lars`
-    code = cli.main(["train", "--recipe", "resnet50-32k", "--data", "synthetic", "--num-samples", "8",
-                     "--image-size", "32", "--global-batch", "4", "--epochs", "1", "--threads", "1",
-                     "--out-dir", str(tmp_path)])
+    code = cli.main(
+        [
+            "train",
+            "--recipe",
+            "resnet50-32k",
+            "--data",
+            "synthetic",
+            "--num-samples",
+            "8",
+            "--image-size",
+            "32",
+            "--global-batch",
+            "4",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "'torchvision'" in err[0] and "pip install 'ipex-lars[data]'" in err[0]
 
 
 def test_warmup_starts_from_warmup_start_lr_and_lars_eps_reaches_the_optimizer(tmp_path):
-    train(_cfg(tmp_path, lr=2.0, warmup_epochs=1.0, warmup_start_lr=0.5, lars_eps=1e-5, max_steps=2,
-               global_batch=512, progress=False))
+    train(
+        _cfg(
+            tmp_path,
+            lr=2.0,
+            warmup_epochs=1.0,
+            warmup_start_lr=0.5,
+            lars_eps=1e-5,
+            max_steps=2,
+            global_batch=512,
+            progress=False,
+        )
+    )
     with open(tmp_path / "metrics.csv", newline="") as f:
         lrs = [float(r["lr"]) for r in csv.DictReader(f)]
     assert lrs[0] == 0.5 and 0.5 < lrs[1] < 2.0  # the first step runs at the start lr, then it ramps

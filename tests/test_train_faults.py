@@ -29,8 +29,9 @@ RUN = ("--recipe", "digits", "--threads", "1", "--epochs", "4", "--checkpoint-ev
 
 
 def _cfg(out: Path, **kw) -> TrainConfig:
-    return load_config("digits", {"out_dir": str(out), "threads": 1, "epochs": 4, "checkpoint_every": 1,
-                                  "progress": False, **kw})
+    return load_config(
+        "digits", {"out_dir": str(out), "threads": 1, "epochs": 4, "checkpoint_every": 1, "progress": False, **kw}
+    )
 
 
 def _train_cli(capsys, out: Path, *args: str) -> tuple[int, str, list[str]]:
@@ -58,8 +59,11 @@ def tmpfs(tmp_path):
     def mount(size_kb: int, *options: str) -> Path:
         target = tmp_path / f"tmpfs{len(mounted)}"
         target.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join((f"size={size_kb}k", *options)), "tmpfs",
-                               str(target)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", ",".join((f"size={size_kb}k", *options)), "tmpfs", str(target)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
         mounted.append(target)
@@ -126,9 +130,11 @@ def test_a_full_disk_fails_the_save_in_one_line_keeps_the_checkpoints_and_resume
     capsys.readouterr()
     code, _, err = _train_cli(capsys, out, "--resume", "auto", "--max-steps", "3")
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith(f"ipex-lars train: error: cannot save checkpoint ckpt-00000002.pt in {out}: "
-                             f"No space left on device; a checkpoint needs about {checkpoint.human_size(size)} "
-                             "(the size of ckpt-00000001.pt)"), err[0]
+    assert err[0].startswith(
+        f"ipex-lars train: error: cannot save checkpoint ckpt-00000002.pt in {out}: "
+        f"No space left on device; a checkpoint needs about {checkpoint.human_size(size)} "
+        "(the size of ckpt-00000001.pt)"
+    ), err[0]
     assert "intact (newest ckpt-00000001.pt)" in err[0] and err[0].endswith("then continue with --resume auto")
     assert _temp_files(out) == [] and [p.name for p in checkpoint.all_checkpoints(out)] == ["ckpt-00000001.pt"]
     assert checkpoint.load(out / "ckpt-00000001.pt")["step"] == 1
@@ -167,8 +173,10 @@ def test_a_failed_save_is_a_save_error_removes_its_temp_file_and_keeps_the_older
     if where == "write":  # torch.save sees the OSError and raises RuntimeError('... unexpected pos ...')
         monkeypatch.setattr(checkpoint, "open", lambda path, mode: _FullFile(path, 4096), raising=False)
     else:
+
         def no_space(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
         monkeypatch.setattr(checkpoint.os, "fsync", no_space)
     with pytest.raises(checkpoint.SaveError) as failed:
         checkpoint.save(tmp_path, 2, state, keep=1)
@@ -184,9 +192,12 @@ def test_a_failed_save_is_a_save_error_removes_its_temp_file_and_keeps_the_older
 
 def test_a_first_save_on_a_full_disk_states_the_bytes_it_attempted(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "open", lambda path, mode: _FullFile(path, 4096), raising=False)
-    with pytest.raises(checkpoint.SaveError, match=r"^cannot save checkpoint ckpt-00000001.pt in .*: No space left on "
-                       r"device; a checkpoint needs more than the 20\d\.\d KB it had attempted, .* are free: free "
-                       r"space there or pick another --out-dir, then run again$"):
+    with pytest.raises(
+        checkpoint.SaveError,
+        match=r"^cannot save checkpoint ckpt-00000001.pt in .*: No space left on "
+        r"device; a checkpoint needs more than the 20\d\.\d KB it had attempted, .* are free: free "
+        r"space there or pick another --out-dir, then run again$",
+    ):
         checkpoint.save(tmp_path, 1, {"w": torch.zeros(50_000)}, keep=1)
     assert list(tmp_path.iterdir()) == []
 
@@ -199,8 +210,9 @@ def test_temp_files_of_interrupted_saves_are_removed_at_start_with_a_note(tmp_pa
     capsys.readouterr()
     code, out, err = _train_cli(capsys, tmp_path, "--resume", "auto", "--max-steps", "2")
     assert code == 0, err
-    assert (f"removed 2 temp file(s) of interrupted checkpoint saves from {tmp_path}, freeing 301234 bytes "
-            "(301.2 KB)") in out
+    assert (
+        f"removed 2 temp file(s) of interrupted checkpoint saves from {tmp_path}, freeing 301234 bytes (301.2 KB)"
+    ) in out
     assert _temp_files(tmp_path) == ["notes.tmp-1"]
 
 
@@ -215,7 +227,7 @@ def test_a_changed_byte_anywhere_in_a_checkpoint_is_detected(tmp_path):
         _flip(path, offset)
         with pytest.raises(checkpoint.CorruptCheckpoint):
             checkpoint.load(path)
-    for damaged in (good[:-1], good[:len(good) // 2], b"", good + b"\n"):
+    for damaged in (good[:-1], good[: len(good) // 2], b"", good + b"\n"):
         path.write_bytes(damaged)
         with pytest.raises(checkpoint.CorruptCheckpoint, match=r"truncated or damaged|is damaged"):
             checkpoint.load(path)
@@ -228,8 +240,10 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_and_continues_bit_for_bit
     capsys.readouterr()
     code, out, err = _train_cli(capsys, tmp_path / "b", "--resume", "auto", "--max-steps", "3")
     assert code == 0, err
-    assert err == [f"[ipex-lars] warning: checkpoint {tmp_path / 'b' / 'ckpt-00000002.pt'} is damaged: its bytes "
-                   "do not match the SHA-256 saved with it; --resume auto skips it"]
+    assert err == [
+        f"[ipex-lars] warning: checkpoint {tmp_path / 'b' / 'ckpt-00000002.pt'} is damaged: its bytes "
+        "do not match the SHA-256 saved with it; --resume auto skips it"
+    ]
     assert f"resumed from {tmp_path / 'b' / 'ckpt-00000001.pt'} at step 1" in out
     a = checkpoint.load(tmp_path / "straight" / "ckpt-00000003.pt")
     b = checkpoint.load(tmp_path / "b" / "ckpt-00000003.pt")
@@ -245,21 +259,27 @@ def test_a_damaged_checkpoint_with_nothing_to_fall_back_to_is_one_line(tmp_path,
     assert code == 2
     assert err[-1].startswith("ipex-lars train: error: ") and "Traceback" not in "\n".join(err)
     if resume == "explicit":
-        assert err == [f"ipex-lars train: error: checkpoint {path} is damaged: its bytes do not match the SHA-256 "
-                       "saved with it; resume from another one, or use --resume auto for the newest intact one "
-                       "in --out-dir"]
+        assert err == [
+            f"ipex-lars train: error: checkpoint {path} is damaged: its bytes do not match the SHA-256 "
+            "saved with it; resume from another one, or use --resume auto for the newest intact one "
+            "in --out-dir"
+        ]
     else:
         assert len(err) == 2 and "--resume auto skips it" in err[0]
-        assert err[1].endswith(f"none of the 1 checkpoint(s) in {tmp_path} is intact (see the warnings above); "
-                               "start afresh in a new --out-dir")
+        assert err[1].endswith(
+            f"none of the 1 checkpoint(s) in {tmp_path} is intact (see the warnings above); "
+            "start afresh in a new --out-dir"
+        )
 
 
 def test_a_checkpoint_from_before_checksums_loads_with_a_note(tmp_path, capsys):
     path = tmp_path / "ckpt-00000001.pt"
     torch.save({"step": 1, "w": torch.ones(3)}, path)  # what save wrote before checksums
     assert checkpoint.load(path)["step"] == 1
-    assert capsys.readouterr().err == f"[ipex-lars] note: {path} has no checksum (it predates them), so it was " \
-                                      "loaded unverified\n"
+    assert (
+        capsys.readouterr().err == f"[ipex-lars] note: {path} has no checksum (it predates them), so it was "
+        "loaded unverified\n"
+    )
 
 
 class _Payload:
@@ -286,16 +306,32 @@ def test_a_crafted_checkpoint_with_a_valid_checksum_cannot_run_code(tmp_path):
 # 4. Bad input
 
 BAD_SETTINGS = [  # flag, value, the range the error must state
-    ("workers", "-1", ">= 0"), ("image-size", "0", ">= 1"), ("max-image-pixels", "0", ">= 1"),
+    ("workers", "-1", ">= 0"),
+    ("image-size", "0", ">= 1"),
+    ("max-image-pixels", "0", ">= 1"),
     ("num-samples", "0", ">= 1"),
-    ("num-classes", "0", ">= 1"), ("epochs", "0", ">= 1"), ("global-batch", "0", ">= 1"),
-    ("accum-steps", "0", ">= 1"), ("lr", "-1", ">= 0"), ("lr", "nan", ">= 0"),
-    ("momentum", "1", "in [0, 1)"), ("momentum", "-0.5", "in [0, 1)"), ("weight-decay", "-1e-4", ">= 0"),
-    ("trust-coefficient", "0", "> 0"), ("warmup-epochs", "-1", ">= 0"), ("poly-power", "0", "> 0"),
-    ("end-lr", "inf", ">= 0"), ("label-smoothing", "2", "in [0, 1)"),
-    ("label-smoothing", "1", "in [0, 1)"), ("bucket-cap-mb", "0", "> 0"), ("seed", "-1", "in [0, 4294967295]"),
-    ("seed", str(2**32), "in [0, 4294967295]"), ("checkpoint-every", "-1", ">= 0"),
-    ("keep-checkpoints", "0", ">= 1"), ("max-steps", "-5", ">= 0"), ("threads", "-1", ">= 0"),
+    ("num-classes", "0", ">= 1"),
+    ("epochs", "0", ">= 1"),
+    ("global-batch", "0", ">= 1"),
+    ("accum-steps", "0", ">= 1"),
+    ("lr", "-1", ">= 0"),
+    ("lr", "nan", ">= 0"),
+    ("momentum", "1", "in [0, 1)"),
+    ("momentum", "-0.5", "in [0, 1)"),
+    ("weight-decay", "-1e-4", ">= 0"),
+    ("trust-coefficient", "0", "> 0"),
+    ("warmup-epochs", "-1", ">= 0"),
+    ("poly-power", "0", "> 0"),
+    ("end-lr", "inf", ">= 0"),
+    ("label-smoothing", "2", "in [0, 1)"),
+    ("label-smoothing", "1", "in [0, 1)"),
+    ("bucket-cap-mb", "0", "> 0"),
+    ("seed", "-1", "in [0, 4294967295]"),
+    ("seed", str(2**32), "in [0, 4294967295]"),
+    ("checkpoint-every", "-1", ">= 0"),
+    ("keep-checkpoints", "0", ">= 1"),
+    ("max-steps", "-5", ">= 0"),
+    ("threads", "-1", ">= 0"),
 ]
 
 
@@ -306,7 +342,8 @@ def test_an_out_of_range_setting_is_one_line_naming_it_and_its_range(tmp_path, c
     kind = field_type(next(f for f in dataclasses.fields(TrainConfig) if f.name == name))
     valid = f"a finite number {valid}" if kind is float else valid
     assert capsys.readouterr().err.splitlines() == [
-        f"ipex-lars train: error: {name} must be {valid}, got {kind(value)!r}"]
+        f"ipex-lars train: error: {name} must be {valid}, got {kind(value)!r}"
+    ]
     assert not any(tmp_path.iterdir()), "nothing was started"
 
 
@@ -331,4 +368,5 @@ def test_an_out_dir_on_a_read_only_filesystem_is_one_line(tmpfs, capsys):
         assert cli.main(["train", *RUN, "--out-dir", str(out)]) == 2
         assert capsys.readouterr().err.splitlines() == [
             f"ipex-lars train: error: out_dir {out} is not writable (Read-only file system); pick a writable folder "
-            "with --out-dir"]
+            "with --out-dir"
+        ]

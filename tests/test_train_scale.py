@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
-
 from cli_runner import SCRIPT
 from dist_workers import harness
+
 from ipex_lars.train import checkpoint, resume
 from ipex_lars.train.config import TrainConfig, load_config
 from ipex_lars.train.engine import train
@@ -28,8 +28,9 @@ def test_shares_partition_the_samples_with_no_repeats():
 
 
 def _results(ranks: list[harness.Rank]) -> list[dict]:
-    return [json.loads(line[len("RESULT "):]) for r in ranks for line in r.out.splitlines()
-            if line.startswith("RESULT ")]
+    return [
+        json.loads(line[len("RESULT ") :]) for r in ranks for line in r.out.splitlines() if line.startswith("RESULT ")
+    ]
 
 
 @pytest.mark.parametrize("backend,world", [("gloo", 2), ("oneccl", 2)])
@@ -54,8 +55,9 @@ def test_split_evaluation_equals_one_process_on_the_averaged_model(tmp_path, bac
     evaluated = torch.load(tmp_path / "evaluated.pt")
     for key in before[0]:
         assert not torch.equal(before[0][key], before[1][key]), f"{key}: the ranks' statistics should differ"
-        torch.testing.assert_close(evaluated[key], torch.stack([b[key] for b in before]).mean(0),
-                                   msg=f"{key} is not the mean over ranks")
+        torch.testing.assert_close(
+            evaluated[key], torch.stack([b[key] for b in before]).mean(0), msg=f"{key} is not the mean over ranks"
+        )
 
     net = model()
     net.load_state_dict(evaluated)
@@ -73,10 +75,33 @@ def _train_ranks(tmp_path, *args: str, timeout: float = 120) -> list[harness.Ran
 
 
 def test_resume_is_refused_on_every_rank_when_one_cannot_read_rank0s_checkpoint(tmp_path):
-    common = ["--epochs", "2", "--global-batch", "128", "--checkpoint-every", "2", "--dist-backend", "gloo",
-              "--resume", "auto", "--no-progress"]
-    train(load_config("digits", {"out_dir": str(tmp_path / "r0"), "threads": 1, "epochs": 2, "global_batch": 128,
-                                 "checkpoint_every": 2, "max_steps": 2, "progress": False}))
+    common = [
+        "--epochs",
+        "2",
+        "--global-batch",
+        "128",
+        "--checkpoint-every",
+        "2",
+        "--dist-backend",
+        "gloo",
+        "--resume",
+        "auto",
+        "--no-progress",
+    ]
+    train(
+        load_config(
+            "digits",
+            {
+                "out_dir": str(tmp_path / "r0"),
+                "threads": 1,
+                "epochs": 2,
+                "global_batch": 128,
+                "checkpoint_every": 2,
+                "max_steps": 2,
+                "progress": False,
+            },
+        )
+    )
     (tmp_path / "r1").mkdir()
     started = time.monotonic()
     refused = _train_ranks(tmp_path, *common, "--max-steps", "4")
@@ -99,10 +124,25 @@ def test_resume_is_refused_on_every_rank_when_one_cannot_read_rank0s_checkpoint(
 
 
 def test_a_rank_refuses_a_different_checkpoint_of_the_same_name(tmp_path):
-    train(load_config("digits", {"out_dir": str(tmp_path / "a"), "threads": 1, "max_steps": 1,
-                                 "checkpoint_every": 1, "progress": False}))
-    train(load_config("digits", {"out_dir": str(tmp_path / "b"), "threads": 1, "max_steps": 1, "seed": 5,
-                                 "checkpoint_every": 1, "progress": False}))
+    train(
+        load_config(
+            "digits",
+            {"out_dir": str(tmp_path / "a"), "threads": 1, "max_steps": 1, "checkpoint_every": 1, "progress": False},
+        )
+    )
+    train(
+        load_config(
+            "digits",
+            {
+                "out_dir": str(tmp_path / "b"),
+                "threads": 1,
+                "max_steps": 1,
+                "seed": 5,
+                "checkpoint_every": 1,
+                "progress": False,
+            },
+        )
+    )
     ours, theirs = tmp_path / "a" / "ckpt-00000001.pt", tmp_path / "b" / "ckpt-00000001.pt"
     decision = Decision(path=str(ours), in_out_dir=True, step=1, sha256=checkpoint.saved_sha256(ours), host="h0")
     assert resume._read_same(ours, decision)[1] is None
@@ -113,9 +153,18 @@ def test_a_rank_refuses_a_different_checkpoint_of_the_same_name(tmp_path):
 def test_an_error_on_one_rank_ends_the_others_at_once_naming_it(tmp_path):
     # rank 1's data folder is missing on its host: it stops with the one-line error (exit 2), and rank 0,
     # already waiting in a collective, ends at once naming rank 1 and why, instead of a gloo traceback
-    command = ["sh", "-c", f'[ "$RANK" = 1 ] && set -- "$@" --data imagefolder --data-dir {tmp_path}/missing; '
-               f'exec "$0" train --out-dir {tmp_path}/r$RANK "$@"', str(SCRIPT), "--dist-backend", "gloo",
-               "--max-steps", "1", "--no-progress"]
+    command = [
+        "sh",
+        "-c",
+        f'[ "$RANK" = 1 ] && set -- "$@" --data imagefolder --data-dir {tmp_path}/missing; '
+        f'exec "$0" train --out-dir {tmp_path}/r$RANK "$@"',
+        str(SCRIPT),
+        "--dist-backend",
+        "gloo",
+        "--max-steps",
+        "1",
+        "--no-progress",
+    ]
     started = time.monotonic()
     ranks = harness.torchrun_command(command, world=2, timeout=60)
     assert time.monotonic() - started < 60

@@ -48,15 +48,30 @@ def size_text(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backends", type=csv_of(one_of(BACKENDS), f"backends out of {', '.join(BACKENDS)}"),
-                        default=",".join(BACKENDS), help=f"comma-separated subset of {', '.join(BACKENDS)} "
-                                                         f"(default: {','.join(BACKENDS)})")
-    parser.add_argument("--worlds", type=csv_of(int_range(2, 256), "rank counts from 2 to 256"), default="2,4",
-                        help="rank counts to run, each 2-256 (default: 2,4)")
-    parser.add_argument("--sizes", type=csv_of(size_text, "sizes from 1 byte to 1G, e.g. 1K,4M,256M"),
-                        default=",".join(SIZES), help="allreduce message sizes from 1 byte to 1G, e.g. 1K,4M,256M")
-    parser.add_argument("--seconds", type=float_range(0, 3600, above=True), default=0.3,
-                        help="time budget per size, above 0 and up to 3600 (default 0.3)")
+    parser.add_argument(
+        "--backends",
+        type=csv_of(one_of(BACKENDS), f"backends out of {', '.join(BACKENDS)}"),
+        default=",".join(BACKENDS),
+        help=f"comma-separated subset of {', '.join(BACKENDS)} (default: {','.join(BACKENDS)})",
+    )
+    parser.add_argument(
+        "--worlds",
+        type=csv_of(int_range(2, 256), "rank counts from 2 to 256"),
+        default="2,4",
+        help="rank counts to run, each 2-256 (default: 2,4)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=csv_of(size_text, "sizes from 1 byte to 1G, e.g. 1K,4M,256M"),
+        default=",".join(SIZES),
+        help="allreduce message sizes from 1 byte to 1G, e.g. 1K,4M,256M",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float_range(0, 3600, above=True),
+        default=0.3,
+        help="time budget per size, above 0 and up to 3600 (default 0.3)",
+    )
     parser.add_argument("--ddp-steps", type=int_range(1, 10000), default=8, help="timed DDP steps, 1-10000 (default 8)")
     parser.add_argument("--json", metavar="PATH", help="also write the results to PATH")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run as one rank of a job
@@ -135,8 +150,19 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _job(backend: str, world: int, args: argparse.Namespace) -> dict:
-    argv = [sys.executable, "-m", "ipex_lars.bench.comm", "--worker", backend, "--sizes", ",".join(args.sizes),
-            "--seconds", str(args.seconds), "--ddp-steps", str(args.ddp_steps)]
+    argv = [
+        sys.executable,
+        "-m",
+        "ipex_lars.bench.comm",
+        "--worker",
+        backend,
+        "--sizes",
+        ",".join(args.sizes),
+        "--seconds",
+        str(args.seconds),
+        "--ddp-steps",
+        str(args.ddp_steps),
+    ]
     ranks = finish(start_ranks(argv, world, env={**os.environ, "OMP_NUM_THREADS": "1"}), timeout=JOB_TIMEOUT_S)
     if any(r.rc is None for r in ranks):
         raise RuntimeError(f"{backend} with {world} ranks did not finish within {JOB_TIMEOUT_S} s")
@@ -144,7 +170,7 @@ def _job(backend: str, world: int, args: argparse.Namespace) -> dict:
         details = "\n".join(f"rank {i}: rc={r.rc}\n{r.err[-2000:]}" for i, r in enumerate(ranks))
         raise RuntimeError(f"{backend} with {world} ranks failed:\n{details}")
     line = next(x for x in ranks[0].out.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def _report(results: dict, backends: list[str], worlds: list[int], sizes: list[str]) -> dict:
@@ -170,17 +196,23 @@ def _report(results: dict, backends: list[str], worlds: list[int], sizes: list[s
     for world in worlds:
         values = results[backends[0]][str(world)]["ddp_values"]
         row = f"DDP step, {values / 1e6:.1f}M fp32 grads, {world} ranks: " + ", ".join(
-            f"{b} {results[b][str(world)]['ddp_step_s'] * 1e3:.1f} ms" for b in backends)
+            f"{b} {results[b][str(world)]['ddp_step_s'] * 1e3:.1f} ms" for b in backends
+        )
         if compare:
             ratio = results[base][str(world)]["ddp_step_s"] / results[fast][str(world)]["ddp_step_s"]
             ratios[f"DDP step, {world} ranks"] = round(ratio, 2)
             row += f" (gloo/oneccl {ratio:.2f}x)"
         print(row)
-    targets = {name: {"target": want, "measured": ratios.get(name), "met": ratios.get(name, 0) >= want}
-               for name, want in TARGETS.items() if name in ratios}
+    targets = {
+        name: {"target": want, "measured": ratios.get(name), "met": ratios.get(name, 0) >= want}
+        for name, want in TARGETS.items()
+        if name in ratios
+    }
     for name, t in targets.items():
-        print(f"target {name}: oneccl >= {t['target']}x gloo: measured {t['measured']}x -> "
-              f"{'met' if t['met'] else 'NOT met'}")
+        print(
+            f"target {name}: oneccl >= {t['target']}x gloo: measured {t['measured']}x -> "
+            f"{'met' if t['met'] else 'NOT met'}"
+        )
     return {"results": results, "ratios_gloo_over_oneccl": ratios, "targets": targets}
 
 
@@ -197,8 +229,11 @@ def run(args: argparse.Namespace) -> int:
             except RuntimeError as exc:
                 print(f"[bench comm] {exc}", file=sys.stderr)
                 return 1
-            print(f"[bench comm] {b}, {world} ranks: done in {time.perf_counter() - start:.0f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[bench comm] {b}, {world} ranks: done in {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     report = _report(results, backends, worlds, sizes)
     print(json.dumps(report["ratios_gloo_over_oneccl"] | {"targets": report["targets"]}))
     if args.json:

@@ -54,8 +54,12 @@ sys.stdout.flush()
 """
 
 CLEAR = ("OMP_NUM_THREADS", "GOMP_CPU_AFFINITY", "KMP_AFFINITY", "MKL_NUM_THREADS")
-SETUPS = (("pinned+capped", True, True), ("pinned, uncapped", True, False),
-          ("unpinned+capped", False, True), ("unpinned, uncapped", False, False))
+SETUPS = (
+    ("pinned+capped", True, True),
+    ("pinned, uncapped", True, False),
+    ("unpinned+capped", False, True),
+    ("unpinned, uncapped", False, False),
+)
 BASELINE = "unpinned, uncapped"
 
 
@@ -73,14 +77,24 @@ def instances(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--instances", type=instances, default=2,
-                        help="concurrent instances, 1 up to the physical cores here (default 2)")
-    parser.add_argument("--size", type=int_range(1, 16384), default=256,
-                        help="square matmul size, 1-16384 (default 256)")
-    parser.add_argument("--seconds", type=float_range(0, 3600, above=True), default=2.0,
-                        help="timed loop per set-up and round, above 0 and up to 3600 (default 2)")
-    parser.add_argument("--rounds", type=int_range(1, 100), default=2,
-                        help="interleaved rounds, 1-100; the median is kept (default 2)")
+    parser.add_argument(
+        "--instances",
+        type=instances,
+        default=2,
+        help="concurrent instances, 1 up to the physical cores here (default 2)",
+    )
+    parser.add_argument(
+        "--size", type=int_range(1, 16384), default=256, help="square matmul size, 1-16384 (default 256)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float_range(0, 3600, above=True),
+        default=2.0,
+        help="timed loop per set-up and round, above 0 and up to 3600 (default 2)",
+    )
+    parser.add_argument(
+        "--rounds", type=int_range(1, 100), default=2, help="interleaved rounds, 1-100; the median is kept (default 2)"
+    )
     parser.add_argument("--json-out", help="also write the JSON result to this file")
 
 
@@ -91,21 +105,33 @@ def _one_setup(pinned: bool, capped: bool, args: argparse.Namespace, script: Pat
     with tempfile.TemporaryDirectory(prefix="lars-bench-") as sync:
         child = [str(script), str(args.size), str(args.seconds), "env" if capped else "all", sync]
         if pinned:
-            cmds = [[sys.executable, "-m", "launchers", "--ninstances", str(args.instances),
-                     "--memory-allocator", "default", sys.executable, *child]]
+            cmds = [
+                [
+                    sys.executable,
+                    "-m",
+                    "launchers",
+                    "--ninstances",
+                    str(args.instances),
+                    "--memory-allocator",
+                    "default",
+                    sys.executable,
+                    *child,
+                ]
+            ]
         else:
             if capped:
                 env["OMP_NUM_THREADS"] = str(max(1, ncpu // args.instances))
             cmds = [[sys.executable, *child] for _ in range(args.instances)]
-        procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for c in cmds]
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
         deadline = time.time() + 120
         while len(list(Path(sync).glob("ready_*"))) < args.instances:
             if time.time() > deadline or any(p.poll() not in (None, 0) for p in procs):
                 for p in procs:
                     p.kill()
-                raise RuntimeError("bench instances did not start: "
-                                   + " | ".join((p.communicate()[1] or "").strip()[-300:] for p in procs))
+                raise RuntimeError(
+                    "bench instances did not start: "
+                    + " | ".join((p.communicate()[1] or "").strip()[-300:] for p in procs)
+                )
             time.sleep(0.01)
         (Path(sync) / "go").touch()
         outs = [p.communicate(timeout=120) for p in procs]
@@ -126,8 +152,14 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(args.rounds):
             for name, pinned, capped in SETUPS:
                 inst = _one_setup(pinned, capped, args, script)
-                rounds[name].append({"pinned": pinned, "capped": capped, "instances": inst,
-                                     "total_matmuls_per_s": sum(i["matmuls_per_s"] for i in inst)})
+                rounds[name].append(
+                    {
+                        "pinned": pinned,
+                        "capped": capped,
+                        "instances": inst,
+                        "total_matmuls_per_s": sum(i["matmuls_per_s"] for i in inst),
+                    }
+                )
         load_after = os.getloadavg()[0]
     results = {}
     for name, runs in rounds.items():
@@ -138,28 +170,44 @@ def run(args: argparse.Namespace) -> int:
     base = results[BASELINE]["total_matmuls_per_s"]
     for r in results.values():
         r["ratio_vs_unpinned_uncapped"] = r["total_matmuls_per_s"] / base if base else None
-    print(f"lars-run launch benchmark: {args.instances} instances x {args.size}x{args.size} fp32 matmul, "
-          f"{args.seconds:g} s x {args.rounds} round(s), {len(os.sched_getaffinity(0))} allowed CPUs, "
-          f"torch {torch.__version__}, load average {load_before:.1f} -> {load_after:.1f}")
-    print(f"{'set-up':<20} {'threads':>7}  {'cpus per instance':<22} {'matmul/s per instance':<24} "
-          f"{'total':>9} {'ratio':>6}")
+    print(
+        f"lars-run launch benchmark: {args.instances} instances x {args.size}x{args.size} fp32 matmul, "
+        f"{args.seconds:g} s x {args.rounds} round(s), {len(os.sched_getaffinity(0))} allowed CPUs, "
+        f"torch {torch.__version__}, load average {load_before:.1f} -> {load_after:.1f}"
+    )
+    print(
+        f"{'set-up':<20} {'threads':>7}  {'cpus per instance':<22} {'matmul/s per instance':<24} "
+        f"{'total':>9} {'ratio':>6}"
+    )
     for name, r in results.items():
         inst = r["instances"]
-        print(f"{name:<20} {','.join(str(i['threads']) for i in inst):>7}  "
-              f"{' | '.join(','.join(map(str, i['cpus'])) for i in inst):<22} "
-              f"{' | '.join(format(i['matmuls_per_s'], '.0f') for i in inst):<24} "
-              f"{r['total_matmuls_per_s']:>9.0f} {r['ratio_vs_unpinned_uncapped']:>6.2f}")
+        print(
+            f"{name:<20} {','.join(str(i['threads']) for i in inst):>7}  "
+            f"{' | '.join(','.join(map(str, i['cpus'])) for i in inst):<22} "
+            f"{' | '.join(format(i['matmuls_per_s'], '.0f') for i in inst):<24} "
+            f"{r['total_matmuls_per_s']:>9.0f} {r['ratio_vs_unpinned_uncapped']:>6.2f}"
+        )
     total = {name: r["total_matmuls_per_s"] for name, r in results.items()}
-    ratios = {"pinning, both capped": total["pinned+capped"] / total["unpinned+capped"],
-              "capping, both pinned": total["pinned+capped"] / total["pinned, uncapped"],
-              "capping, both unpinned": total["unpinned+capped"] / total[BASELINE],
-              "lars-run vs neither": total["pinned+capped"] / total[BASELINE]}
+    ratios = {
+        "pinning, both capped": total["pinned+capped"] / total["unpinned+capped"],
+        "capping, both pinned": total["pinned+capped"] / total["pinned, uncapped"],
+        "capping, both unpinned": total["unpinned+capped"] / total[BASELINE],
+        "lars-run vs neither": total["pinned+capped"] / total[BASELINE],
+    }
     for name, value in ratios.items():
         print(f"ratio {name:<24} {value:6.2f}")
-    report = {"benchmark": "launch", "ratios": ratios, "rounds": args.rounds,
-              "load_average": [load_before, load_after], "instances": args.instances, "size": args.size,
-              "seconds": args.seconds,
-              "torch": torch.__version__, "allowed_cpus": len(os.sched_getaffinity(0)), "results": results}
+    report = {
+        "benchmark": "launch",
+        "ratios": ratios,
+        "rounds": args.rounds,
+        "load_average": [load_before, load_after],
+        "instances": args.instances,
+        "size": args.size,
+        "seconds": args.seconds,
+        "torch": torch.__version__,
+        "allowed_cpus": len(os.sched_getaffinity(0)),
+        "results": results,
+    }
     print(json.dumps(report, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))

@@ -18,8 +18,20 @@ from launchers.identity import free_port
 
 # Variables by which a launcher (torchrun, Intel MPI, Slurm) tells a process its rank: a rank of
 # a local job must see only the ones this module sets, never those of a job it runs inside.
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_PROCID", "SLURM_NTASKS")
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "MPI_LOCALRANKID",
+    "MPI_LOCALNRANKS",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+)
 
 
 @dataclass
@@ -36,10 +48,16 @@ def without_launcher_vars(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in LAUNCHER_VARS}
 
 
-def start_ranks(command: list[str], world: int, env: Mapping[str, str] | None = None,
-                ranks: list[int] | None = None, *, port: int | None = None,
-                outputs: Callable[[int], tuple[IO, IO]] | None = None,
-                new_session: bool = False) -> list[subprocess.Popen]:
+def start_ranks(
+    command: list[str],
+    world: int,
+    env: Mapping[str, str] | None = None,
+    ranks: list[int] | None = None,
+    *,
+    port: int | None = None,
+    outputs: Callable[[int], tuple[IO, IO]] | None = None,
+    new_session: bool = False,
+) -> list[subprocess.Popen]:
     """Start ``ranks`` (default all) of a ``world``-rank job of ``command`` on this machine.
 
     Each process gets ``env`` (default: this process's environment) without any launcher's
@@ -53,11 +71,19 @@ def start_ranks(command: list[str], world: int, env: Mapping[str, str] | None = 
     port = str(port or free_port())
     procs = []
     for rank in range(world) if ranks is None else ranks:
-        rank_env = {**base, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                    "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        rank_env = {
+            **base,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
         out, err = outputs(rank) if outputs else (subprocess.PIPE, subprocess.PIPE)
-        procs.append(subprocess.Popen(command, env=rank_env, text=True, stdout=out, stderr=err,
-                                      start_new_session=new_session))
+        procs.append(
+            subprocess.Popen(command, env=rank_env, text=True, stdout=out, stderr=err, start_new_session=new_session)
+        )
     return procs
 
 

@@ -31,17 +31,25 @@ BYTES_PER_ELEMENT = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sets", type=csv_of(one_of(PARAM_SETS), f"parameter sets out of {', '.join(PARAM_SETS)}"),
-                        default=",".join(PARAM_SETS),
-                        help=f"comma-separated parameter sets: {', '.join(PARAM_SETS)} (default: all)")
-    parser.add_argument("--repeats", type=int_range(1, 10000), default=30,
-                        help="timed steps per candidate, 1-10000 (default: 30)")
-    parser.add_argument("--warmup", type=int_range(0, 10000), default=3,
-                        help="untimed steps per candidate first, 0-10000 (default: 3)")
+    parser.add_argument(
+        "--sets",
+        type=csv_of(one_of(PARAM_SETS), f"parameter sets out of {', '.join(PARAM_SETS)}"),
+        default=",".join(PARAM_SETS),
+        help=f"comma-separated parameter sets: {', '.join(PARAM_SETS)} (default: all)",
+    )
+    parser.add_argument(
+        "--repeats", type=int_range(1, 10000), default=30, help="timed steps per candidate, 1-10000 (default: 30)"
+    )
+    parser.add_argument(
+        "--warmup", type=int_range(0, 10000), default=3, help="untimed steps per candidate first, 0-10000 (default: 3)"
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the slow per-parameter reference")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip the torch.compile'd foreach LARS (its compile time grows with the tensor count; "
-                             "see docs/BENCHMARKS.md)")
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the torch.compile'd foreach LARS (its compile time grows with the tensor count; "
+        "see docs/BENCHMARKS.md)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 
@@ -78,8 +86,11 @@ def _candidates(shapes: list[tuple[int, ...]], impls: list[str], compiled: bool)
     if compiled and len(shapes) <= MAX_COMPILED_TENSORS:
         steps["compiled-foreach"] = _compiled_foreach(shapes, hyper)
     elif compiled:
-        print(f"[bench optimizer] compiled-foreach skipped for {len(shapes)} tensors: torch.compile's time grows "
-              f"with the tensor count (limit {MAX_COMPILED_TENSORS}); see docs/BENCHMARKS.md", file=sys.stderr)
+        print(
+            f"[bench optimizer] compiled-foreach skipped for {len(shapes)} tensors: torch.compile's time grows "
+            f"with the tensor count (limit {MAX_COMPILED_TENSORS}); see docs/BENCHMARKS.md",
+            file=sys.stderr,
+        )
     ipex_step = _ipex_candidate(shapes, hyper)
     if ipex_step is not None:
         steps["ipex"] = ipex_step
@@ -95,8 +106,17 @@ def _compiled_foreach(shapes: list[tuple[int, ...]], hyper: dict) -> Callable[[]
     params = _make_params(shapes, 0)
     ws, gs = [p.detach() for p in params], [p.grad for p in params]
     vs, lows = [torch.zeros_like(w) for w in ws], [None] * len(ws)
-    kw = dict(lr=hyper["lr"], momentum=hyper["momentum"], weight_decay=hyper["weight_decay"], trust_coefficient=0.001,
-              eps=0.0, nesterov=False, momentum_style="sgd", clip=False, adapt=True)
+    kw = dict(
+        lr=hyper["lr"],
+        momentum=hyper["momentum"],
+        weight_decay=hyper["weight_decay"],
+        trust_coefficient=0.001,
+        eps=0.0,
+        nesterov=False,
+        momentum_style="sgd",
+        clip=False,
+        adapt=True,
+    )
     step = torch.compile(lambda: lars_foreach(ws, gs, vs, lows, **kw))
     return step
 
@@ -112,8 +132,14 @@ def _ipex_candidate(shapes: list[tuple[int, ...]], hyper: dict) -> Callable[[], 
 
     holder = torch.nn.Module()
     holder.params = torch.nn.ParameterList(_make_params(shapes, 0))
-    opt = Lars(holder.parameters(), lr=hyper["lr"], momentum=hyper["momentum"],
-               weight_decay=hyper["weight_decay"], eeta=0.001, epsilon=0.0)
+    opt = Lars(
+        holder.parameters(),
+        lr=hyper["lr"],
+        momentum=hyper["momentum"],
+        weight_decay=hyper["weight_decay"],
+        eeta=0.001,
+        epsilon=0.0,
+    )
     holder.train()
     holder, opt = ipex.optimize(holder, optimizer=opt, dtype=torch.float32, weights_prepack=False)
     if not getattr(opt, "fused", False):
@@ -145,15 +171,22 @@ def measure(set_name: str, repeats: int, warmup: int, impls: list[str], compiled
     from tqdm import tqdm
 
     for r in tqdm(range(repeats), desc=set_name, unit="round", leave=False):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
             start = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     bandwidth = 3 * 4 * triad_n / med.pop("triad")
     floor = BYTES_PER_ELEMENT * numel / bandwidth
-    result = {"set": set_name, "tensors": len(shapes), "elements": numel,
-              "triad_GBps": bandwidth / 1e9, "floor_ms": floor * 1e3, "median_ms": {}, "x_floor": {}}
+    result = {
+        "set": set_name,
+        "tensors": len(shapes),
+        "elements": numel,
+        "triad_GBps": bandwidth / 1e9,
+        "floor_ms": floor * 1e3,
+        "median_ms": {},
+        "x_floor": {},
+    }
     for name, t in med.items():
         result["median_ms"][name] = t * 1e3
         result["x_floor"][name] = t / floor
@@ -163,8 +196,10 @@ def measure(set_name: str, repeats: int, warmup: int, impls: list[str], compiled
 
 
 def _print_table(result: dict) -> None:
-    print(f"\n{result['set']}: {result['tensors']} tensors, {result['elements']:,} elements; "
-          f"triad {result['triad_GBps']:.1f} GB/s -> floor {result['floor_ms']:.2f} ms")
+    print(
+        f"\n{result['set']}: {result['tensors']} tensors, {result['elements']:,} elements; "
+        f"triad {result['triad_GBps']:.1f} GB/s -> floor {result['floor_ms']:.2f} ms"
+    )
     vs_ipex = result.get("speedup_vs_ipex", {})
     print(f"  {'impl':<17} {'median ms':>10} {'x floor':>8} {'ipex/impl':>10}")
     for name, ms in result["median_ms"].items():

@@ -9,8 +9,10 @@ from collections.abc import Callable, Collection
 
 def one_of(choices: Collection[str]) -> Callable[[str], str]:
     """Type accepting one of ``choices`` (an item of ``launchers.argtypes.csv_of``, which names them)."""
+
     def parse(text: str) -> str:
         if text not in choices:
             raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
         return text
+
     return parse

@@ -37,8 +37,12 @@ from ipex_lars.bench.train_worker import MODEL_INPUTS, RESULT_TAG
 from launchers.argtypes import UsageError, csv_of, float_range, int_range
 
 BASELINE = {"precision": "fp32", "layout": "nchw", "backend": "native", "optimizer": "sgd"}
-AXES = {"precision": ("fp32", "bf16"), "layout": ("nchw", "channels_last"),
-        "backend": ("native", "ipex", "compile"), "optimizer": ("lars", "sgd")}
+AXES = {
+    "precision": ("fp32", "bf16"),
+    "layout": ("nchw", "channels_last"),
+    "backend": ("native", "ipex", "compile"),
+    "optimizer": ("lars", "sgd"),
+}
 ROOT = Path(__file__).resolve().parents[2]
 TAIL_LINES = 10  # of a failed child's stderr, shown with its failure
 
@@ -49,31 +53,65 @@ def _names(choices: Collection[str], what: str) -> Callable[[str], list]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", type=_names(MODEL_INPUTS, "models"), default=["resnet50"],
-                        help="comma-separated: resnet50, alexnet_bn, digits_cnn (default: resnet50)")
-    parser.add_argument("--batches", type=csv_of(int_range(1, 65536), "per-rank batch sizes from 1 to 65536"),
-                        default=[32], help="per-rank batch sizes, each 1-65536 (default: 32)")
+    parser.add_argument(
+        "--models",
+        type=_names(MODEL_INPUTS, "models"),
+        default=["resnet50"],
+        help="comma-separated: resnet50, alexnet_bn, digits_cnn (default: resnet50)",
+    )
+    parser.add_argument(
+        "--batches",
+        type=csv_of(int_range(1, 65536), "per-rank batch sizes from 1 to 65536"),
+        default=[32],
+        help="per-rank batch sizes, each 1-65536 (default: 32)",
+    )
     for axis, choices in AXES.items():
-        parser.add_argument(f"--{axis}s", type=_names(choices, f"{axis}s"), default=list(choices),
-                            help=f"comma-separated subset of {', '.join(choices)} (default: all"
-                                 f"{'; ipex only where installed' if axis == 'backend' else ''})")
-    parser.add_argument("--image-size", type=int, default=0,
-                        help="input side (default: 224 for resnet50/alexnet_bn, 8 for digits_cnn)")
-    parser.add_argument("--steps", type=int_range(1, 10000), default=5,
-                        help="timed steps per configuration, 1-10000 (default 5)")
-    parser.add_argument("--warmup", type=int_range(0, 10000), default=2,
-                        help="untimed steps first, for allocation, prepacking and compilation, 0-10000 (default 2)")
-    parser.add_argument("--repeat", type=int_range(1, 100), default=1,
-                        help="rounds over all configurations, 1-100; each figure is the median round's (the lower "
-                             "middle one for an even count) (default 1)")
-    parser.add_argument("--stacks", type=_names(("ipex", "native"), "stacks"),
-                        help="run on these project stacks (.venv-STACK), alternating; default: this Python")
-    parser.add_argument("--ranks", type=int_range(1, 256), default=1,
-                        help="also run every configuration as this many ranks via lars-run, 1-256 (default 1: no)")
-    parser.add_argument("--timeout", type=float_range(0, 86400, above=True), default=1800,
-                        help="seconds allowed per configuration run, above 0 and up to 86400 (default 1800)")
-    parser.add_argument("--out", default="runs/bench-train",
-                        help="folder for results.json and chart.png (default runs/bench-train)")
+        parser.add_argument(
+            f"--{axis}s",
+            type=_names(choices, f"{axis}s"),
+            default=list(choices),
+            help=f"comma-separated subset of {', '.join(choices)} (default: all"
+            f"{'; ipex only where installed' if axis == 'backend' else ''})",
+        )
+    parser.add_argument(
+        "--image-size", type=int, default=0, help="input side (default: 224 for resnet50/alexnet_bn, 8 for digits_cnn)"
+    )
+    parser.add_argument(
+        "--steps", type=int_range(1, 10000), default=5, help="timed steps per configuration, 1-10000 (default 5)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int_range(0, 10000),
+        default=2,
+        help="untimed steps first, for allocation, prepacking and compilation, 0-10000 (default 2)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int_range(1, 100),
+        default=1,
+        help="rounds over all configurations, 1-100; each figure is the median round's (the lower "
+        "middle one for an even count) (default 1)",
+    )
+    parser.add_argument(
+        "--stacks",
+        type=_names(("ipex", "native"), "stacks"),
+        help="run on these project stacks (.venv-STACK), alternating; default: this Python",
+    )
+    parser.add_argument(
+        "--ranks",
+        type=int_range(1, 256),
+        default=1,
+        help="also run every configuration as this many ranks via lars-run, 1-256 (default 1: no)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float_range(0, 86400, above=True),
+        default=1800,
+        help="seconds allowed per configuration run, above 0 and up to 86400 (default 1800)",
+    )
+    parser.add_argument(
+        "--out", default="runs/bench-train", help="folder for results.json and chart.png (default runs/bench-train)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one configuration
 
 
@@ -81,8 +119,13 @@ def configurations(args: argparse.Namespace) -> list[dict]:
     """The baseline and every requested configuration, per model and batch, baseline first."""
     specs = []
     for model, batch in itertools.product(args.models, args.batches):
-        common = {"model": model, "batch": batch, "image_size": args.image_size, "steps": args.steps,
-                  "warmup": args.warmup}
+        common = {
+            "model": model,
+            "batch": batch,
+            "image_size": args.image_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+        }
         specs.append({**common, **BASELINE, "baseline": True})
         for values in itertools.product(*(getattr(args, f"{axis}s") for axis in AXES)):
             combo = dict(zip(AXES, values))
@@ -127,7 +170,7 @@ def _failure(error: str, stderr: str) -> dict:
 
 def outcome(returncode: int, stdout: str, stderr: str) -> dict:
     """A finished child's result line, or ``{"error": why, "stderr_tail": last stderr lines}``."""
-    tagged = [line[len(RESULT_TAG):] for line in stdout.splitlines() if line.startswith(RESULT_TAG)]
+    tagged = [line[len(RESULT_TAG) :] for line in stdout.splitlines() if line.startswith(RESULT_TAG)]
     try:
         results = [json.loads(line) for line in tagged]
     except json.JSONDecodeError as exc:
@@ -153,8 +196,7 @@ def _run(python: str, spec: dict, ranks: int, timeout: float) -> dict:
     else:
         cmd = [python, *worker]
     # a session of its own, so a timeout or Ctrl-C also kills lars-run's mpiexec (whose proxies then stop the ranks)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -167,8 +209,10 @@ def _run(python: str, spec: dict, ranks: int, timeout: float) -> dict:
 
 
 def _label(spec: dict) -> str:
-    return (f"{spec['precision']} {'CL' if spec['layout'] == 'channels_last' else 'NCHW'} "
-            f"{spec['backend']} {spec['optimizer'].upper()}")
+    return (
+        f"{spec['precision']} {'CL' if spec['layout'] == 'channels_last' else 'NCHW'} "
+        f"{spec['backend']} {spec['optimizer'].upper()}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,8 +229,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     ipex_on = {stack: _has_ipex(python) for stack, python in pythons.items()}
     rank_counts = [1] + ([args.ranks] if args.ranks > 1 else [])
-    runs = [(stack, spec, ranks) for spec in configurations(args) for ranks in rank_counts for stack in stacks
-            if spec["backend"] != "ipex" or ipex_on[stack]]
+    runs = [
+        (stack, spec, ranks)
+        for spec in configurations(args)
+        for ranks in rank_counts
+        for stack in stacks
+        if spec["backend"] != "ipex" or ipex_on[stack]
+    ]
     skipped = [s or "this python" for s, ok in ipex_on.items() if not ok and "ipex" in args.backends]
     if skipped:
         print(f"[bench train] backend ipex skipped on {', '.join(skipped)}: IPEX is not installed there")
@@ -200,15 +249,18 @@ def run(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(_name(stack, spec, ranks))
                 measured[i].append(_run(pythons[stack], spec, ranks, args.timeout))
                 if "error" in measured[i][-1]:
-                    bar.write(_failure_block(_name(stack, spec, ranks), round_, args.repeat, measured[i][-1]),
-                              file=sys.stderr)
+                    bar.write(
+                        _failure_block(_name(stack, spec, ranks), round_, args.repeat, measured[i][-1]), file=sys.stderr
+                    )
                 bar.update(1)
     rows = [_row(stack, spec, ranks, measured[i]) for i, (stack, spec, ranks) in enumerate(runs)]
     report(rows, args)
     failed = [_name(stack, spec, ranks) for (stack, spec, ranks), row in zip(runs, rows) if row["failures"]]
     if failed:
-        print(f"[bench train] {len(failed)} of {len(rows)} configurations failed (details above): "
-              f"{'; '.join(failed)}", file=sys.stderr)
+        print(
+            f"[bench train] {len(failed)} of {len(rows)} configurations failed (details above): {'; '.join(failed)}",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 
@@ -219,22 +271,43 @@ def _name(stack: str | None, spec: dict, ranks: int) -> str:
 def _failure_block(name: str, round_: int, rounds: int, failure: dict) -> str:
     """What stderr shows the moment a configuration run fails: which one, how it ended, its stderr's end."""
     tail = failure["stderr_tail"]
-    lines = [f"[bench train] FAILED: {name} (round {round_} of {rounds})", f"  {failure['error']}",
-             f"  last {len(tail)} lines of its stderr:" if tail else "  its stderr is empty"]
+    lines = [
+        f"[bench train] FAILED: {name} (round {round_} of {rounds})",
+        f"  {failure['error']}",
+        f"  last {len(tail)} lines of its stderr:" if tail else "  its stderr is empty",
+    ]
     return "\n".join(lines + [f"  | {line}" for line in tail])
 
 
 def _row(stack: str | None, spec: dict, ranks: int, measured: list[dict]) -> dict:
     """One configuration's results row: the median round's figures, and its failed runs if any."""
     ok = [m for m in measured if "error" not in m]
-    row = {**{k: v for k, v in spec.items() if k not in ("steps", "warmup")}, "stack": stack or "current",
-           "ranks": ranks, "label": _label(spec), "runs": len(measured),
-           "failures": [{"round": n, **m} for n, m in enumerate(measured, 1) if "error" in m]}
+    row = {
+        **{k: v for k, v in spec.items() if k not in ("steps", "warmup")},
+        "stack": stack or "current",
+        "ranks": ranks,
+        "label": _label(spec),
+        "runs": len(measured),
+        "failures": [{"round": n, **m} for n, m in enumerate(measured, 1) if "error" in m],
+    }
     if ok:
         middle = statistics.median_low([m["images_per_second"] for m in ok])  # a real run's figure
         chosen = next(m for m in ok if m["images_per_second"] == middle)  # with its own breakdown
-        row.update({k: chosen[k] for k in ("images_per_second", "step_ms", "phase_ms", "peak_rss_mb",
-                                         "global_batch", "optimizer_impl", "threads", "torch")})
+        row.update(
+            {
+                k: chosen[k]
+                for k in (
+                    "images_per_second",
+                    "step_ms",
+                    "phase_ms",
+                    "peak_rss_mb",
+                    "global_batch",
+                    "optimizer_impl",
+                    "threads",
+                    "torch",
+                )
+            }
+        )
     else:
         row["error"] = row["failures"][-1]["error"]
     return row

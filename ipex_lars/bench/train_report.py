@@ -10,8 +10,10 @@ from pathlib import Path
 
 from ipex_lars.doctor import cpu_info
 
-TARGETS = {"best ResNet-50 configuration vs the plain baseline": 2.5,
-           "native stack's best vs the ipex stack's best": 0.95}
+TARGETS = {
+    "best ResNet-50 configuration vs the plain baseline": 2.5,
+    "native stack's best vs the ipex stack's best": 0.95,
+}
 
 
 def _key(row: dict, ranks: int | None = None) -> tuple:
@@ -38,24 +40,36 @@ def summarise(rows: list[dict]) -> dict:
     if resnet:
         top = max(resnet, key=lambda r: r["vs_baseline"])
         targets["best ResNet-50 configuration vs the plain baseline"] = {
-            "ratio": top["vs_baseline"], "target": TARGETS["best ResNet-50 configuration vs the plain baseline"],
-            "configuration": f"{top['stack']}: {top['label']} b{top['batch']}"}
+            "ratio": top["vs_baseline"],
+            "target": TARGETS["best ResNet-50 configuration vs the plain baseline"],
+            "configuration": f"{top['stack']}: {top['label']} b{top['batch']}",
+        }
     stacks = {r["stack"] for r in ok}
     if {"ipex", "native"} <= stacks:
         for model in sorted({r["model"] for r in ok}):
-            tops = {s: max((r["images_per_second"] for r in ok if r["stack"] == s and r["model"] == model
-                            and r["ranks"] == 1), default=0.0) for s in ("ipex", "native")}
+            tops = {
+                s: max(
+                    (r["images_per_second"] for r in ok if r["stack"] == s and r["model"] == model and r["ranks"] == 1),
+                    default=0.0,
+                )
+                for s in ("ipex", "native")
+            }
             if tops["ipex"]:
                 targets[f"native stack's best vs the ipex stack's best, {model}"] = {
                     "ratio": tops["native"] / tops["ipex"],
-                    "target": TARGETS["native stack's best vs the ipex stack's best"]}
-    return {"best": {k: {"label": v["label"], "images_per_second": v["images_per_second"]}
-                     for k, v in best.items()}, "targets": targets}
+                    "target": TARGETS["native stack's best vs the ipex stack's best"],
+                }
+    return {
+        "best": {k: {"label": v["label"], "images_per_second": v["images_per_second"]} for k, v in best.items()},
+        "targets": targets,
+    }
 
 
 def _table(rows: list[dict]) -> str:
-    head = (f"{'stack':7} {'model':10} {'batch':>5} {'ranks':>5}  {'configuration':28} {'img/s':>8} {'x base':>7} "
-            f"{'effic.':>6} {'data':>6} {'fwd':>7} {'bwd':>7} {'allred':>7} {'optim':>6} {'peak MB':>8}")
+    head = (
+        f"{'stack':7} {'model':10} {'batch':>5} {'ranks':>5}  {'configuration':28} {'img/s':>8} {'x base':>7} "
+        f"{'effic.':>6} {'data':>6} {'fwd':>7} {'bwd':>7} {'allred':>7} {'optim':>6} {'peak MB':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lead = f"{r['stack']:7} {r['model']:10} {r['batch']:>5} {r['ranks']:>5}  {r['label']:28}"
@@ -66,9 +80,11 @@ def _table(rows: list[dict]) -> str:
         ratio = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] else "-"
         eff = f"{r['scaling_efficiency']:.2f}" if r["scaling_efficiency"] else "-"
         note = f"  ({len(r['failures'])} of {r['runs']} runs FAILED)" if r["failures"] else ""
-        lines.append(f"{lead} {r['images_per_second']:8.2f} {ratio:>7} {eff:>6} {ph['data']:6.1f} "
-                     f"{ph['forward']:7.1f} {ph['backward']:7.1f} {ph['allreduce']:7.1f} {ph['optimizer']:6.1f} "
-                     f"{r['peak_rss_mb']:8.0f}{note}")
+        lines.append(
+            f"{lead} {r['images_per_second']:8.2f} {ratio:>7} {eff:>6} {ph['data']:6.1f} "
+            f"{ph['forward']:7.1f} {ph['backward']:7.1f} {ph['allreduce']:7.1f} {ph['optimizer']:6.1f} "
+            f"{r['peak_rss_mb']:8.0f}{note}"
+        )
     return "\n".join(lines)
 
 
@@ -84,8 +100,10 @@ def _chart(rows: list[dict], path: Path) -> None:
         return
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 0.32 * len(ok) + 1.2 * len(groups)), squeeze=False)
     for ax, (model, batch, ranks) in zip(axes[:, 0], groups):
-        sel = sorted((r for r in ok if (r["model"], r["batch"], r["ranks"]) == (model, batch, ranks)),
-                     key=lambda r: r["vs_baseline"])
+        sel = sorted(
+            (r for r in ok if (r["model"], r["batch"], r["ranks"]) == (model, batch, ranks)),
+            key=lambda r: r["vs_baseline"],
+        )
         names = [f"{r['stack']}: {r['label']}" for r in sel]
         ax.barh(names, [r["vs_baseline"] for r in sel], color=["grey" if r["baseline"] else "tab:blue" for r in sel])
         ax.axvline(1.0, color="black", linewidth=0.8)
@@ -109,9 +127,14 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "chart.png").unlink(missing_ok=True)  # never leave an older run's chart next to these results
-    doc = {"command": " ".join(["ipex-lars", *sys.argv[1:]]), "cpu": cpu_info()["model"],
-           "cpus": len(os.sched_getaffinity(0)),
-           "load_average": os.getloadavg(), "results": rows, **summary}
+    doc = {
+        "command": " ".join(["ipex-lars", *sys.argv[1:]]),
+        "cpu": cpu_info()["model"],
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_average": os.getloadavg(),
+        "results": rows,
+        **summary,
+    }
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     _chart(rows, out / "chart.png")
     print(f"wrote {out / 'results.json'}" + (f" and {out / 'chart.png'}" if (out / "chart.png").exists() else ""))

@@ -37,10 +37,22 @@ def measure(spec: dict) -> dict:
     steps, warmup = spec["steps"], spec["warmup"]
     rank, world, started = init_distributed(TrainConfig())  # oneccl when launched as several ranks
     global_batch = spec["batch"] * world
-    cfg = TrainConfig(model=spec["model"], data="synthetic", image_size=image_size, num_classes=num_classes,
-                      num_samples=global_batch * (steps + warmup), epochs=1, global_batch=global_batch,
-                      optimizer=spec["optimizer"], lr=0.1, warmup_epochs=0, precision=spec["precision"],
-                      channels_last=spec["layout"] == "channels_last", backend=spec["backend"], progress=False)
+    cfg = TrainConfig(
+        model=spec["model"],
+        data="synthetic",
+        image_size=image_size,
+        num_classes=num_classes,
+        num_samples=global_batch * (steps + warmup),
+        epochs=1,
+        global_batch=global_batch,
+        optimizer=spec["optimizer"],
+        lr=0.1,
+        warmup_epochs=0,
+        precision=spec["precision"],
+        channels_last=spec["layout"] == "channels_last",
+        backend=spec["backend"],
+        progress=False,
+    )
     train_data, _ = synthetic(cfg.num_samples, image_size, num_classes=num_classes, seed=0)
     torch.manual_seed(0)
     model, optimizer = build_model(cfg, num_classes)
@@ -74,11 +86,18 @@ def measure(spec: dict) -> dict:
             ild.shutdown()
     else:
         median_step = statistics.median(step_seconds)
-    return {"rank": rank, "ranks": world, "global_batch": global_batch,
-            "images_per_second": global_batch / median_step, "step_ms": 1000 * median_step,
-            "phase_ms": {p: 1000 * statistics.median(v) for p, v in phases.items()},
-            "peak_rss_mb": peak_mb, "optimizer_impl": getattr(optimizer, "impl", "torch.optim.SGD"),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {
+        "rank": rank,
+        "ranks": world,
+        "global_batch": global_batch,
+        "images_per_second": global_batch / median_step,
+        "step_ms": 1000 * median_step,
+        "phase_ms": {p: 1000 * statistics.median(v) for p, v in phases.items()},
+        "peak_rss_mb": peak_mb,
+        "optimizer_impl": getattr(optimizer, "impl", "torch.optim.SGD"),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def main(spec_json: str) -> int:

@@ -46,13 +46,16 @@ class ImageFolderData(torch.utils.data.Dataset):
     def __init__(self, split_dir: str | Path, image_size: int, train: bool, max_pixels: int = MAX_PIXELS) -> None:
         split_dir = Path(split_dir)
         if not split_dir.is_dir():
-            raise ValueError(f"data folder {split_dir} does not exist; expected ROOT/train/CLASS/*.JPEG "
-                             "and ROOT/val/CLASS/*.JPEG (ImageNet layout)")
+            raise ValueError(
+                f"data folder {split_dir} does not exist; expected ROOT/train/CLASS/*.JPEG "
+                "and ROOT/val/CLASS/*.JPEG (ImageNet layout)"
+            )
         self.classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
         if not self.classes:
             raise ValueError(f"data folder {split_dir} has no class sub-folders; expected {split_dir}/CLASS/*.JPEG")
-        self.samples = [(path, label) for label, name in enumerate(self.classes)
-                        for path in _class_images(split_dir / name)]
+        self.samples = [
+            (path, label) for label, name in enumerate(self.classes) for path in _class_images(split_dir / name)
+        ]
         self.image_size, self.train, self.max_pixels = image_size, train, max_pixels
         self.num_classes = len(self.classes)
         self.transform = _transform(image_size, train)
@@ -86,8 +89,9 @@ def _class_images(folder: Path) -> list[Path]:
     """The image files of one class folder, sorted; an empty class folder is an error."""
     images = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise ValueError(f"class folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
-                         "remove it or add images")
+        raise ValueError(
+            f"class folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); remove it or add images"
+        )
     return images
 
 
@@ -162,8 +166,9 @@ def write_skipped(out_dir: str | Path, *datasets, rank: int = 0) -> Path | None:
     if not records:
         return None
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(f"{file}\t{reason}\n" for file, reason in records.items()),
-                       encoding="utf-8", errors="backslashreplace")
+    partial.write_text(
+        "".join(f"{file}\t{reason}\n" for file, reason in records.items()), encoding="utf-8", errors="backslashreplace"
+    )
     os.replace(partial, path)
     return path
 
@@ -180,8 +185,9 @@ def _one_line(text: str) -> str:
     return text.translate({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
 
 
-def folder_datasets(root: str | Path, image_size: int,
-                    max_pixels: int = MAX_PIXELS) -> tuple[ImageFolderData, ImageFolderData]:
+def folder_datasets(
+    root: str | Path, image_size: int, max_pixels: int = MAX_PIXELS
+) -> tuple[ImageFolderData, ImageFolderData]:
     """Train and val splits of ``root``, which must have the same class folders."""
     root = Path(root)
     if not root.is_dir():
@@ -190,8 +196,10 @@ def folder_datasets(root: str | Path, image_size: int,
     val = ImageFolderData(root / "val", image_size, train=False, max_pixels=max_pixels)
     if train.classes != val.classes:
         only_train, only_val = set(train.classes) - set(val.classes), set(val.classes) - set(train.classes)
-        raise ValueError(f"{root}/train and {root}/val have different class folders (only in train: "
-                         f"{_some(only_train)}; only in val: {_some(only_val)}); give both the same class folders")
+        raise ValueError(
+            f"{root}/train and {root}/val have different class folders (only in train: "
+            f"{_some(only_train)}; only in val: {_some(only_val)}); give both the same class folders"
+        )
     return train, val
 
 

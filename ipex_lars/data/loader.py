@@ -45,11 +45,15 @@ class BatchPlan:
     def __post_init__(self) -> None:
         parts = self.world_size * self.accum_steps
         if self.global_batch % parts:
-            raise ValueError(f"global batch {self.global_batch} does not split into {self.world_size} rank(s) x "
-                             f"{self.accum_steps} accumulation step(s); pick a multiple of {parts}")
+            raise ValueError(
+                f"global batch {self.global_batch} does not split into {self.world_size} rank(s) x "
+                f"{self.accum_steps} accumulation step(s); pick a multiple of {parts}"
+            )
         if self.global_batch > self.num_samples:
-            raise ValueError(f"global batch {self.global_batch} is larger than the {self.num_samples} training "
-                             "samples; lower --global-batch")
+            raise ValueError(
+                f"global batch {self.global_batch} is larger than the {self.num_samples} training "
+                "samples; lower --global-batch"
+            )
 
     @property
     def micro_batch(self) -> int:
@@ -59,16 +63,16 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.global_batch
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - a run holds one or two plans; caching keeps them alive
     def order(self, epoch: int) -> torch.Tensor:
         """The epoch's sample order, the same on every rank."""
         return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
 
     def micro_batches(self, epoch: int, step: int) -> list[torch.Tensor]:
         """Sample indices of this rank's micro-batches for ``step`` of ``epoch``."""
-        batch = self.order(epoch)[step * self.global_batch:(step + 1) * self.global_batch]
+        batch = self.order(epoch)[step * self.global_batch : (step + 1) * self.global_batch]
         m, first = self.micro_batch, self.rank * self.accum_steps
-        return [batch[(first + j) * m:(first + j + 1) * m] for j in range(self.accum_steps)]
+        return [batch[(first + j) * m : (first + j + 1) * m] for j in range(self.accum_steps)]
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, int]  # images, labels, unreadable images skipped
@@ -106,9 +110,14 @@ def _folder_loader(data, workers: int, seed: int, **batching) -> Iterator[Batch]
     """Batches from a DataLoader over an image folder: one thread per worker, and its own generator, so
     creating it does not draw from the global RNG (dropout's), which resume relies on. Unreadable images
     are left out, counted in the batch, and recorded on ``data`` here, in the process that owns it."""
-    loader = torch.utils.data.DataLoader(data, num_workers=workers, collate_fn=collate_skipping_bad,
-                                         worker_init_fn=limit_worker_threads,
-                                         generator=torch.Generator().manual_seed(seed), **batching)
+    loader = torch.utils.data.DataLoader(
+        data,
+        num_workers=workers,
+        collate_fn=collate_skipping_bad,
+        worker_init_fn=limit_worker_threads,
+        generator=torch.Generator().manual_seed(seed),
+        **batching,
+    )
     for images, labels, skips in loader:
         data.record_skips(skips)
         yield images, labels, len(skips)

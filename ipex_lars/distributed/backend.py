@@ -36,8 +36,10 @@ SPEC = ext.ExtensionSpec(
 def unavailable_reason() -> str | None:
     """Why the oneccl backend cannot be used in this environment, or None if it can."""
     if not (_PREFIX / "include" / "oneapi" / "ccl.hpp").exists() or not (_PREFIX / "lib" / "libccl.so").exists():
-        return (f"oneCCL is not installed in {_PREFIX} (no include/oneapi/ccl.hpp or lib/libccl.so); "
-                "install it with pip install 'ipex-lars[ccl]'")
+        return (
+            f"oneCCL is not installed in {_PREFIX} (no include/oneapi/ccl.hpp or lib/libccl.so); "
+            "install it with pip install 'ipex-lars[ccl]'"
+        )
     return None
 
 

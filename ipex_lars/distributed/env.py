@@ -89,25 +89,39 @@ def detect(env: Mapping[str, str] | None = None) -> Launch:
     addr, port = env.get("MASTER_ADDR"), _int_or_none(env, "MASTER_PORT")
     if "RANK" in env and "WORLD_SIZE" in env:
         if addr is None or port is None:
-            raise LaunchError("RANK and WORLD_SIZE are set but MASTER_ADDR or MASTER_PORT is not; set both "
-                              "(torchrun sets them) to rank 0's host and a free port")
-        return Launch("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int_or_none(env, "LOCAL_RANK") or 0,
-                      _int_or_none(env, "LOCAL_WORLD_SIZE"), addr, port)
+            raise LaunchError(
+                "RANK and WORLD_SIZE are set but MASTER_ADDR or MASTER_PORT is not; set both "
+                "(torchrun sets them) to rank 0's host and a free port"
+            )
+        return Launch(
+            "torchrun",
+            _int(env, "RANK"),
+            _int(env, "WORLD_SIZE"),
+            _int_or_none(env, "LOCAL_RANK") or 0,
+            _int_or_none(env, "LOCAL_WORLD_SIZE"),
+            addr,
+            port,
+        )
     if "PMI_RANK" in env and "PMI_SIZE" in env:
         size, local_size = _int(env, "PMI_SIZE"), _int_or_none(env, "MPI_LOCALNRANKS")
         one_node = local_size == size
         if addr is None:
             if not one_node:
-                raise LaunchError("a multi-node MPI launch needs MASTER_ADDR (rank 0's host); pass "
-                                  "-genv MASTER_ADDR <host> to mpiexec")
+                raise LaunchError(
+                    "a multi-node MPI launch needs MASTER_ADDR (rank 0's host); pass "
+                    "-genv MASTER_ADDR <host> to mpiexec"
+                )
             addr = "127.0.0.1"
         if port is None:
             if not one_node:
-                raise LaunchError("a multi-node MPI launch needs MASTER_PORT (a free port on rank 0's host); "
-                                  "pass -genv MASTER_PORT <port> to mpiexec")
+                raise LaunchError(
+                    "a multi-node MPI launch needs MASTER_PORT (a free port on rank 0's host); "
+                    "pass -genv MASTER_PORT <port> to mpiexec"
+                )
             port = 20000 + os.getppid() % 20000
-        return Launch("mpi", _int(env, "PMI_RANK"), size, _int_or_none(env, "MPI_LOCALRANKID") or 0, local_size,
-                      addr, port)
+        return Launch(
+            "mpi", _int(env, "PMI_RANK"), size, _int_or_none(env, "MPI_LOCALRANKID") or 0, local_size, addr, port
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         if addr is None:
             addr = first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST") or "")
@@ -115,8 +129,15 @@ def detect(env: Mapping[str, str] | None = None) -> Launch:
             if "SLURM_JOB_ID" not in env:
                 raise LaunchError("SLURM_JOB_ID is missing, so no port can be derived; set MASTER_PORT")
             port = 20000 + _int(env, "SLURM_JOB_ID") % 20000
-        return Launch("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
-                      _int_or_none(env, "SLURM_LOCALID") or 0, _slurm_local_world(env), addr, port)
+        return Launch(
+            "slurm",
+            _int(env, "SLURM_PROCID"),
+            _int(env, "SLURM_NTASKS"),
+            _int_or_none(env, "SLURM_LOCALID") or 0,
+            _slurm_local_world(env),
+            addr,
+            port,
+        )
     return Launch("single", 0, 1, 0, 1, addr or "127.0.0.1", port or 0)
 
 
@@ -149,8 +170,7 @@ def agent_store_prefix(env: Mapping[str, str] | None = None) -> str | None:
     return f"/worker/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
-def ccl_defaults(launch: Launch, cpus: int, sharers: int | None = None,
-                 one_host: bool | None = None) -> dict[str, str]:
+def ccl_defaults(launch: Launch, cpus: int, sharers: int | None = None, one_host: bool | None = None) -> dict[str, str]:
     """The oneCCL and threading settings measured fastest for this layout.
 
     Within one node: the shared-memory transport (``CCL_ATL_SHM=1``, 7x faster than the

@@ -64,16 +64,15 @@ def ipv4_addresses() -> dict[str, str]:
         while True:
             buf = array.array("B", b"\0" * size * _IFREQ_SIZE)
             addr, _ = buf.buffer_info()
-            used = struct.unpack("iL", fcntl.ioctl(s.fileno(), _SIOCGIFCONF,
-                                                   struct.pack("iL", len(buf), addr)))[0]
+            used = struct.unpack("iL", fcntl.ioctl(s.fileno(), _SIOCGIFCONF, struct.pack("iL", len(buf), addr)))[0]
             if used < len(buf):
                 break
             size *= 2  # the table filled the buffer: there may be more
     raw = buf.tobytes()
     found = {}
     for off in range(0, used, _IFREQ_SIZE):
-        name = raw[off:off + 16].split(b"\0", 1)[0].decode()
-        found[socket.inet_ntoa(raw[off + 20:off + 24])] = name.split(":", 1)[0]
+        name = raw[off : off + 16].split(b"\0", 1)[0].decode()
+        found[socket.inet_ntoa(raw[off + 20 : off + 24])] = name.split(":", 1)[0]
     return found
 
 
@@ -96,14 +95,17 @@ def local_address_towards(host: str) -> str:
     try:
         family, _, _, _, target = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
     except socket.gaierror as exc:
-        raise InterfaceError(f"cannot resolve MASTER_ADDR={host!r} ({exc.strerror}); set MASTER_ADDR to "
-                             "rank 0's host name or address") from None
+        raise InterfaceError(
+            f"cannot resolve MASTER_ADDR={host!r} ({exc.strerror}); set MASTER_ADDR to rank 0's host name or address"
+        ) from None
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         try:
             s.connect(target)
         except OSError as exc:
-            raise InterfaceError(f"no route from this host to MASTER_ADDR={host} ({exc.strerror}); check the "
-                                 f"network, or name the interface with {IFACE_ENV}") from None
+            raise InterfaceError(
+                f"no route from this host to MASTER_ADDR={host} ({exc.strerror}); check the "
+                f"network, or name the interface with {IFACE_ENV}"
+            ) from None
         return s.getsockname()[0].split("%", 1)[0]
 
 
@@ -122,8 +124,10 @@ def choose(launch: Launch, env: Mapping[str, str] | None = None) -> tuple[str | 
     if given:
         names = {name for _, name in socket.if_nameindex()}
         if given not in names:
-            raise InterfaceError(f"{IFACE_ENV}={given} (lars-run --iface) names no interface of this host "
-                                 f"({socket.gethostname()}: {', '.join(sorted(names))}); name one of them")
+            raise InterfaceError(
+                f"{IFACE_ENV}={given} (lars-run --iface) names no interface of this host "
+                f"({socket.gethostname()}: {', '.join(sorted(names))}); name one of them"
+            )
         return given, f"from {IFACE_ENV}"
     if launch.world_size == 1:
         return None, "single process"
@@ -131,8 +135,10 @@ def choose(launch: Launch, env: Mapping[str, str] | None = None) -> tuple[str | 
     loopback = ipaddress.ip_address(local).is_loopback
     literal = _is_address(launch.master_addr)
     if loopback and not literal and not launch.single_node:
-        return None, (f"MASTER_ADDR={launch.master_addr} resolves to the loopback address {local} here, "
-                      "which other nodes cannot reach")
+        return None, (
+            f"MASTER_ADDR={launch.master_addr} resolves to the loopback address {local} here, "
+            "which other nodes cannot reach"
+        )
     name = interface_of(local)
     if name is None:
         return None, f"no interface holds {local}, this host's address towards MASTER_ADDR={launch.master_addr}"

@@ -80,8 +80,9 @@ class _Peer:
 class Watcher:
     """The liveness thread of one rank; see the module doc."""
 
-    def __init__(self, rank: int, world: int, job: str, timeout_s: float, peers: list[_Peer],
-                 listener: socket.socket | None) -> None:
+    def __init__(
+        self, rank: int, world: int, job: str, timeout_s: float, peers: list[_Peer], listener: socket.socket | None
+    ) -> None:
         self.rank, self.job, self.timeout_s = rank, job, timeout_s
         self.failure: str | None = None  # set by the excepthook: this rank is ending on an exception
         self._interval = timeout_s / 6
@@ -173,9 +174,12 @@ class Watcher:
             return
         peer = self._peers[sock]
         if not data:
-            self._end(self._failed[1] if self._failed else
-                      f"{peer.describe()} died: {self._noticed(peer)} saw its liveness connection close without a "
-                      "goodbye (its process ended)")
+            self._end(
+                self._failed[1]
+                if self._failed
+                else f"{peer.describe()} died: {self._noticed(peer)} saw its liveness connection close without a "
+                "goodbye (its process ended)"
+            )
         peer.last_seen = time.monotonic()
         *lines, peer.pending = (peer.pending + data).split(b"\n")
         for line in lines:
@@ -216,13 +220,17 @@ class Watcher:
             self._end(self._failed[1])
         for peer in self._peers.values():
             if now - peer.last_seen > self.timeout_s:
-                self._end(f"{peer.describe()} is silent: {self._noticed(peer)} had no heartbeat from it for "
-                          f"{now - peer.last_seen:.1f} s (stopped, hung holding the GIL, or its host or network is "
-                          "down)")
+                self._end(
+                    f"{peer.describe()} is silent: {self._noticed(peer)} had no heartbeat from it for "
+                    f"{now - peer.last_seen:.1f} s (stopped, hung holding the GIL, or its host or network is "
+                    "down)"
+                )
         if self._unconnected and now - self._started > self.timeout_s:
             ranks = ",".join(str(r) for r in sorted(self._unconnected))
-            self._end(f"rank(s) {ranks} never connected to rank 0's liveness watcher within {self.timeout_s:g} s "
-                      "after joining the store (they ended or hung while starting)")
+            self._end(
+                f"rank(s) {ranks} never connected to rank 0's liveness watcher within {self.timeout_s:g} s "
+                "after joining the store (they ended or hung while starting)"
+            )
         for sock in [s for s in self._hellos if now - self._started > self.timeout_s]:
             self._drop(sock)  # a stranger that never said hello
 
@@ -253,9 +261,11 @@ class Watcher:
         for sock in list(self._peers) if self.rank == 0 else []:  # also runs on the main thread
             _send(sock, f"end {what}", wait_s=0.2)
         # On a line of its own, also after a progress bar's carriage return.
-        line = (f"\n[ipex-lars] rank {self.rank} ({rendezvous.identity()}): {what}. Ending this rank (exit code "
-                f"{EXIT_CODE}) so the job does not hang. A rank that ends is noticed at once, a silent one after "
-                f"{HEARTBEAT_ENV}={self.timeout_s:g} s (0 turns this watch off).\n")
+        line = (
+            f"\n[ipex-lars] rank {self.rank} ({rendezvous.identity()}): {what}. Ending this rank (exit code "
+            f"{EXIT_CODE}) so the job does not hang. A rank that ends is noticed at once, a silent one after "
+            f"{HEARTBEAT_ENV}={self.timeout_s:g} s (0 turns this watch off).\n"
+        )
         os.write(2, line.encode())
         # Flush what the program printed, unless another thread holds the stream's lock for ever.
         threading.Timer(1.0, os._exit, (EXIT_CODE,)).start()
@@ -300,8 +310,9 @@ def start(store: Any, launch: Launch, job: str, timeout_s: float) -> Watcher | N
         store.set(_HUB_KEY, json.dumps(hub))
         watcher = Watcher(0, launch.world_size, job, timeout_s, [], listener)
     else:
-        watcher = Watcher(launch.rank, launch.world_size, job, timeout_s, [_connect(store, launch, job, timeout_s)],
-                          None)
+        watcher = Watcher(
+            launch.rank, launch.world_size, job, timeout_s, [_connect(store, launch, job, timeout_s)], None
+        )
     watcher.start()
     _active = watcher
     if sys.excepthook is not _excepthook:
@@ -333,7 +344,8 @@ def _connect(store: Any, launch: Launch, job: str, timeout_s: float) -> _Peer:
     except (RuntimeError, OSError, ValueError) as exc:
         raise rendezvous.RendezvousError(
             f"rank {launch.rank} could not connect to rank 0's liveness watcher "
-            f"({rendezvous.first_line(exc)}): rank 0 probably ended; see its error") from None
+            f"({rendezvous.first_line(exc)}): rank 0 probably ended; see its error"
+        ) from None
     sock.setblocking(False)
     return _Peer(0, hub["who"], sock)
 

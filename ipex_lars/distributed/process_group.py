@@ -8,8 +8,8 @@ import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from ipex_lars.distributed import backend as oneccl
 from ipex_lars.distributed import auto_backend, interface, layout, liveness, rendezvous
+from ipex_lars.distributed import backend as oneccl
 from ipex_lars.distributed.env import Launch, apply_defaults, ccl_defaults, detect, job_id
 from ipex_lars.distributed.rendezvous import TIMEOUT_ENV
 
@@ -51,7 +51,8 @@ def _choose(requested: str, hosts: int, world: int) -> tuple[str, str]:
         except ImportError:
             raise BackendUnavailableError(
                 "backend 'ccl' needs Intel's oneccl_bindings_for_pytorch, which is not installed (it is retired "
-                "and not on PyPI); use backend='oneccl', this project's binding, instead") from None
+                "and not on PyPI); use backend='oneccl', this project's binding, instead"
+            ) from None
         return "ccl", "requested (Intel's oneccl_bindings_for_pytorch)"
     return requested, "requested"
 
@@ -148,6 +149,10 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None, verbos
     info = DistInfo(chosen, reason, launch, env_set, where.hosts, where.cpu_sharers)
     if verbose and launch.rank == 0:
         settings = " ".join(f"{k}={v}" for k, v in env_set.items()) or "none"
-        print(f"[ipex_lars.distributed] backend {chosen} ({reason}); launcher {launch.launcher}, "
-              f"{launch.world_size} rank(s); set {settings}", file=sys.stderr, flush=True)
+        print(
+            f"[ipex_lars.distributed] backend {chosen} ({reason}); launcher {launch.launcher}, "
+            f"{launch.world_size} rank(s); set {settings}",
+            file=sys.stderr,
+            flush=True,
+        )
     return info

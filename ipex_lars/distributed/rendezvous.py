@@ -57,8 +57,10 @@ def bind_address(launch: Launch) -> str:
     try:
         address = socket.getaddrinfo(launch.master_addr, None, type=socket.SOCK_STREAM)[0][4][0]
     except socket.gaierror as exc:
-        raise RendezvousError(f"rank 0 cannot resolve MASTER_ADDR={launch.master_addr!r} ({exc.strerror}); "
-                              "set MASTER_ADDR to rank 0's host name or address") from None
+        raise RendezvousError(
+            f"rank 0 cannot resolve MASTER_ADDR={launch.master_addr!r} ({exc.strerror}); "
+            "set MASTER_ADDR to rank 0's host name or address"
+        ) from None
     if ipaddress.ip_address(address).is_loopback and not launch.single_node and address != launch.master_addr:
         return ""
     return address
@@ -79,13 +81,17 @@ def listen(address: str, port: int) -> socket.socket:
             raise RendezvousError(
                 f"rank 0 cannot serve the rendezvous store on {where}: port {port} is already in use (another "
                 "job, or one still exiting). Give this job a free port: set MASTER_PORT, or pass lars-run "
-                "--master-port") from None
+                "--master-port"
+            ) from None
         if exc.errno == errno.EADDRNOTAVAIL:
             raise RendezvousError(
                 f"rank 0 cannot listen on {where}: MASTER_ADDR is not an address of this host "
-                f"({socket.gethostname()}); set MASTER_ADDR to rank 0's host") from None
-        raise RendezvousError(f"rank 0 cannot listen on {where} for the rendezvous store: {exc.strerror}; "
-                              "check MASTER_ADDR and MASTER_PORT") from None
+                f"({socket.gethostname()}); set MASTER_ADDR to rank 0's host"
+            ) from None
+        raise RendezvousError(
+            f"rank 0 cannot listen on {where} for the rendezvous store: {exc.strerror}; "
+            "check MASTER_ADDR and MASTER_PORT"
+        ) from None
 
 
 def open_store(launch: Launch, timeout: timedelta, job: str) -> Any:
@@ -98,12 +104,25 @@ def open_store(launch: Launch, timeout: timedelta, job: str) -> Any:
     attempt = agent_store_prefix()
     if launch.rank == 0 and attempt is None:
         server = listen(bind_address(launch), launch.master_port)
-        store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=True,
-                              timeout=timeout, wait_for_workers=False, master_listen_fd=server.detach())
+        store = dist.TCPStore(
+            launch.master_addr,
+            launch.master_port,
+            launch.world_size,
+            is_master=True,
+            timeout=timeout,
+            wait_for_workers=False,
+            master_listen_fd=server.detach(),
+        )
     else:
         _reach(launch, deadline, timeout, "torchrun's agent" if attempt else "rank 0")
-        store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False,
-                              timeout=timeout, wait_for_workers=False)
+        store = dist.TCPStore(
+            launch.master_addr,
+            launch.master_port,
+            launch.world_size,
+            is_master=False,
+            timeout=timeout,
+            wait_for_workers=False,
+        )
     if attempt is not None:
         store = dist.PrefixStore(attempt, store)
     if launch.rank == 0:
@@ -118,8 +137,9 @@ def _reach(launch: Launch, deadline: float, timeout: timedelta, host: str) -> No
     pause = 0.05
     while True:
         try:
-            socket.create_connection((launch.master_addr, launch.master_port),
-                                     timeout=max(0.1, min(1.0, deadline - time.monotonic()))).close()
+            socket.create_connection(
+                (launch.master_addr, launch.master_port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))
+            ).close()
             return
         except OSError as exc:
             if time.monotonic() + pause > deadline:
@@ -128,7 +148,8 @@ def _reach(launch: Launch, deadline: float, timeout: timedelta, host: str) -> No
                     f"rank {launch.rank} could not reach {host}'s rendezvous store at {launch.master_addr}:"
                     f"{launch.master_port} within {timeout.total_seconds():g} s ({exc.strerror or exc}): {missing}. "
                     f"Check that {host} started and that MASTER_ADDR and MASTER_PORT point at it; raise the wait "
-                    f"with {TIMEOUT_ENV}=<seconds> or init(timeout=...)") from None
+                    f"with {TIMEOUT_ENV}=<seconds> or init(timeout=...)"
+                ) from None
             time.sleep(pause)
             pause = min(pause * 2, 0.5)
 
@@ -142,13 +163,15 @@ def _check_job(store: Any, launch: Launch, job: str, deadline: float) -> None:
     except (RuntimeError, ValueError):
         raise RendezvousError(
             f"rank {launch.rank}: the store at {where} never said which job it serves: it is not an ipex-lars "
-            "job's rendezvous store. Give this job its own MASTER_PORT (lars-run --master-port)") from None
+            "job's rendezvous store. Give this job its own MASTER_PORT (lars-run --master-port)"
+        ) from None
     if (theirs.get("job"), theirs.get("world")) != (job, launch.world_size):
         raise RendezvousError(
             f"rank {launch.rank} of job {job or '(no id)'} ({launch.world_size} ranks) reached the rendezvous "
             f"store at {where} of another job ({theirs.get('job') or '(no id)'}, {theirs.get('world')} ranks, rank "
             f"0 on {theirs.get('rank0')}) and will not join it. Give each job its own MASTER_PORT (lars-run "
-            f"--master-port); if this is one job, give all its ranks the same {JOB_ID_ENV}")
+            f"--master-port); if this is one job, give all its ranks the same {JOB_ID_ENV}"
+        )
 
 
 def wait_for_ranks(store: Any, rank: int, size: int, timeout: timedelta) -> None:
@@ -163,7 +186,8 @@ def wait_for_ranks(store: Any, rank: int, size: int, timeout: timedelta) -> None
         raise RendezvousError(
             f"rank {rank} ({me}) found rank {rank} taken in its rendezvous store by another process ({holder}): "
             f"the store belongs to another job on the same MASTER_ADDR:MASTER_PORT, or the launcher started rank "
-            f"{rank} twice. Give each job its own MASTER_PORT (lars-run --master-port) and {JOB_ID_ENV}")
+            f"{rank} twice. Give each job its own MASTER_PORT (lars-run --master-port) and {JOB_ID_ENV}"
+        )
     arrived = store.add("arrived", 1)
     deadline = time.monotonic() + timeout.total_seconds()
     pause = 0.005
@@ -186,9 +210,12 @@ def wait_for_ranks(store: Any, rank: int, size: int, timeout: timedelta) -> None
             time.sleep(0.05)
             told = store.add("told", 0)
     except RuntimeError as exc:  # the store went away: rank 0 failed while we waited
-        raise MissingRankError(f"rank {rank} lost rank 0's rendezvous store while waiting for all {size} ranks to "
-                               f"join ({first_line(exc)}); see rank 0's error") from None
+        raise MissingRankError(
+            f"rank {rank} lost rank 0's rendezvous store while waiting for all {size} ranks to "
+            f"join ({first_line(exc)}); see rank 0's error"
+        ) from None
     raise MissingRankError(
         f"rank {rank} waited {timeout.total_seconds():g} s but rank(s) {missing} of {size} never joined the "
         f"process group. Check that they started and reach init; raise the wait with {TIMEOUT_ENV}=<seconds> "
-        "or init(timeout=...)")
+        "or init(timeout=...)"
+    )

@@ -38,33 +38,53 @@ SWEEP = {"sgd": (0.001, 10.0), "lars": (0.01, 100.0)}  # question 1's lr ranges 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batches", default="32,128,512,1750",
-                        help="global batch sizes of question 2 (3,500 training images; default: %(default)s)")
-    parser.add_argument("--stability-batch", type=int, default=1024,
-                        help="the fixed batch of question 1's lr sweep (default: %(default)s)")
+    parser.add_argument(
+        "--batches",
+        default="32,128,512,1750",
+        help="global batch sizes of question 2 (3,500 training images; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--stability-batch",
+        type=int,
+        default=1024,
+        help="the fixed batch of question 1's lr sweep (default: %(default)s)",
+    )
     parser.add_argument("--epochs", type=int, default=20, help="epochs of every run (default: %(default)s)")
-    parser.add_argument("--warmup-epochs", type=float, default=2.0,
-                        help="linear warmup epochs, both optimizers (default: %(default)s)")
+    parser.add_argument(
+        "--warmup-epochs", type=float, default=2.0, help="linear warmup epochs, both optimizers (default: %(default)s)"
+    )
     parser.add_argument("--seeds", type=int, default=4, help="seeds per setting (default: %(default)s)")
-    parser.add_argument("--grid", type=int, default=len(GRID_FACTORS),
-                        help=f"lr values tried per batch and optimizer in question 2, 2..{len(GRID_FACTORS)} "
-                             "(default: %(default)s)")
-    parser.add_argument("--sweep-points", type=int, default=13,
-                        help="lr values per optimizer in question 1, spread log-evenly over 4 decades "
-                             "(default: %(default)s)")
+    parser.add_argument(
+        "--grid",
+        type=int,
+        default=len(GRID_FACTORS),
+        help=f"lr values tried per batch and optimizer in question 2, 2..{len(GRID_FACTORS)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--sweep-points",
+        type=int,
+        default=13,
+        help="lr values per optimizer in question 1, spread log-evenly over 4 decades (default: %(default)s)",
+    )
     parser.add_argument("--width", type=int, default=128, help="MLP hidden width (default: %(default)s)")
     parser.add_argument("--depth", type=int, default=8, help="MLP hidden layers (default: %(default)s)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="runs in parallel, one thread each (default: %(default)s)")
-    parser.add_argument("--out", default="docs", help="folder for large_batch.md, .json and the two plots (default: docs)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="runs in parallel, one thread each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", default="docs", help="folder for large_batch.md, .json and the two plots (default: docs)"
+    )
 
 
 def grid_lrs(optimizer: str, norm: bool, batch: int, size: int) -> list[float]:
     """Question 2's lr values for one batch: the scaling rule's lr times the middle ``size`` factors."""
     ratio = batch / REFERENCE_BATCH
-    rule = ratio if optimizer == "sgd" else ratio ** 0.5  # linear for SGD, square root for LARS
+    rule = ratio if optimizer == "sgd" else ratio**0.5  # linear for SGD, square root for LARS
     start = (len(GRID_FACTORS) - size) // 2
-    return [CENTRE[(optimizer, norm)] * rule * f for f in GRID_FACTORS[start:start + size]]
+    return [CENTRE[(optimizer, norm)] * rule * f for f in GRID_FACTORS[start : start + size]]
 
 
 def sweep_lrs(optimizer: str, points: int) -> list[float]:
@@ -75,11 +95,20 @@ def sweep_lrs(optimizer: str, points: int) -> list[float]:
 def plan_runs(args: argparse.Namespace, batches: list[int]) -> list[tuple[str, RunSpec]]:
     """Every run of both questions, tagged "stability" or "scaling"."""
     common = dict(epochs=args.epochs, warmup_epochs=args.warmup_epochs, width=args.width, depth=args.depth)
-    runs = [("stability", RunSpec(opt, lr, args.stability_batch, seed=s, norm=False, **common))
-            for opt in ("sgd", "lars") for lr in sweep_lrs(opt, args.sweep_points) for s in range(args.seeds)]
-    runs += [("scaling", RunSpec(opt, lr, b, seed=s, norm=norm, **common))
-             for norm in (False, True) for b in batches for opt in ("sgd", "lars")
-             for lr in grid_lrs(opt, norm, b, args.grid) for s in range(args.seeds)]
+    runs = [
+        ("stability", RunSpec(opt, lr, args.stability_batch, seed=s, norm=False, **common))
+        for opt in ("sgd", "lars")
+        for lr in sweep_lrs(opt, args.sweep_points)
+        for s in range(args.seeds)
+    ]
+    runs += [
+        ("scaling", RunSpec(opt, lr, b, seed=s, norm=norm, **common))
+        for norm in (False, True)
+        for b in batches
+        for opt in ("sgd", "lars")
+        for lr in grid_lrs(opt, norm, b, args.grid)
+        for s in range(args.seeds)
+    ]
     return runs
 
 
@@ -105,17 +134,23 @@ def _progress(total: int):
     try:
         from tqdm import tqdm
     except ImportError:  # a plain counter on stderr
+
         class Counter:
             def __init__(self) -> None:
                 self.n = 0
 
             def update(self, k: int = 1) -> None:
                 self.n += k
-                print(f"\rlarge-batch: {self.n}/{total} runs", end="" if self.n < total else "\n",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"\rlarge-batch: {self.n}/{total} runs",
+                    end="" if self.n < total else "\n",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
             def close(self) -> None:
                 pass
+
         return Counter()
     return tqdm(total=total, unit="run", desc="large-batch", file=sys.stderr)
 
@@ -133,13 +168,25 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     n_train = len(data[0])
     if any(b < 2 or b > n_train for b in [*batches, args.stability_batch]):
-        raise UsageError(f"batch sizes must be in 2..{n_train} (the training split), got {args.batches} "
-                         f"and --stability-batch {args.stability_batch}")
-    if args.epochs < 1 or args.seeds < 2 or not 2 <= args.grid <= len(GRID_FACTORS) or args.sweep_points < 2 \
-            or args.warmup_epochs < 0 or args.warmup_epochs >= args.epochs or args.width < 1 or args.depth < 1 \
-            or args.jobs < 1:
-        raise UsageError(f"need --epochs >= 1, --seeds >= 2 (for a std), --grid in 2..{len(GRID_FACTORS)}, "
-                         "--sweep-points >= 2, 0 <= --warmup-epochs < --epochs, --width/--depth/--jobs >= 1")
+        raise UsageError(
+            f"batch sizes must be in 2..{n_train} (the training split), got {args.batches} "
+            f"and --stability-batch {args.stability_batch}"
+        )
+    if (
+        args.epochs < 1
+        or args.seeds < 2
+        or not 2 <= args.grid <= len(GRID_FACTORS)
+        or args.sweep_points < 2
+        or args.warmup_epochs < 0
+        or args.warmup_epochs >= args.epochs
+        or args.width < 1
+        or args.depth < 1
+        or args.jobs < 1
+    ):
+        raise UsageError(
+            f"need --epochs >= 1, --seeds >= 2 (for a std), --grid in 2..{len(GRID_FACTORS)}, "
+            "--sweep-points >= 2, 0 <= --warmup-epochs < --epochs, --width/--depth/--jobs >= 1"
+        )
     runs = plan_runs(args, batches)
     runs.sort(key=lambda r: r[1].batch)  # small batches (most steps) first: better load balance
     results: dict[str, list[dict]] = {"stability": [], "scaling": []}
@@ -162,19 +209,31 @@ def run(args: argparse.Namespace) -> int:
     from ipex_lars.experiments.large_batch_report import write_report
 
     cpu = sum(r["cpu_seconds"] for rs in results.values() for r in rs)
-    setup = {"command": " ".join(["ipex-lars experiment large-batch", *_argv(args)]), "n_train": n_train,
-             "n_val": len(data[1]), "n_test": len(data[2]), "batches": batches,
-             "wall_seconds": round(time.monotonic() - started, 1), "cpu_seconds": round(cpu, 1), "jobs": args.jobs,
-             "grid_factors": list(GRID_FACTORS), "reference_batch": REFERENCE_BATCH,
-             "centre": {f"{o}/{'bn' if n else 'plain'}": v for (o, n), v in CENTRE.items()},
-             **{k: getattr(args, k) for k in ("stability_batch", "epochs", "warmup_epochs", "seeds", "grid",
-                                              "sweep_points", "width", "depth")}}
+    setup = {
+        "command": " ".join(["ipex-lars experiment large-batch", *_argv(args)]),
+        "n_train": n_train,
+        "n_val": len(data[1]),
+        "n_test": len(data[2]),
+        "batches": batches,
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "cpu_seconds": round(cpu, 1),
+        "jobs": args.jobs,
+        "grid_factors": list(GRID_FACTORS),
+        "reference_batch": REFERENCE_BATCH,
+        "centre": {f"{o}/{'bn' if n else 'plain'}": v for (o, n), v in CENTRE.items()},
+        **{
+            k: getattr(args, k)
+            for k in ("stability_batch", "epochs", "warmup_epochs", "seeds", "grid", "sweep_points", "width", "depth")
+        },
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = write_report(setup, results, out)
     print(summary)
-    print(f"wrote {out / 'large_batch.md'}, {out / 'large_batch.json'} and the plots "
-          f"{out / 'large_batch_stability.png'}, {out / 'large_batch_scaling.png'}")
+    print(
+        f"wrote {out / 'large_batch.md'}, {out / 'large_batch.json'} and the plots "
+        f"{out / 'large_batch_stability.png'}, {out / 'large_batch_scaling.png'}"
+    )
     return 0
 
 
@@ -183,5 +242,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
     defaults = argparse.ArgumentParser()
     add_arguments(defaults)
     base = vars(defaults.parse_args([]))
-    return [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k in base and k not in ("out", "jobs") and base[k] != v]
+    return [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if k in base and k not in ("out", "jobs") and base[k] != v
+    ]

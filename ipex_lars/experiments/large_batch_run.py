@@ -75,9 +75,15 @@ class RunResult:
     cpu_seconds: float  # CPU time of the run (its process's), to size the study on an idle machine
 
     def to_dict(self) -> dict:
-        return {**asdict(self.spec), "val_top1": self.val_top1, "test_top1": self.test_top1,
-                "diverged": self.diverged, "final_loss": self.final_loss, "steps": self.steps,
-                "cpu_seconds": self.cpu_seconds}
+        return {
+            **asdict(self.spec),
+            "val_top1": self.val_top1,
+            "test_top1": self.test_top1,
+            "diverged": self.diverged,
+            "final_loss": self.final_loss,
+            "steps": self.steps,
+            "cpu_seconds": self.cpu_seconds,
+        }
 
 
 def _optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
@@ -117,7 +123,7 @@ def train_one(spec: RunSpec, train: TensorData, val: TensorData, test: TensorDat
         order = torch.randperm(len(train), generator=order_gen)
         losses = []
         for s in range(steps_per_epoch):
-            idx = order[s * spec.batch:(s + 1) * spec.batch]
+            idx = order[s * spec.batch : (s + 1) * spec.batch]
             loss = loss_fn(model(train.images[idx]), train.labels[idx])
             if not torch.isfinite(loss):
                 diverged = True

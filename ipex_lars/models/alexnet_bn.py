@@ -21,16 +21,25 @@ class AlexNetBN(nn.Module):
     def __init__(self, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            *_conv_bn(in_channels, 96, 11, stride=4, padding=2), nn.MaxPool2d(3, 2),
-            *_conv_bn(96, 256, 5, padding=2), nn.MaxPool2d(3, 2),
+            *_conv_bn(in_channels, 96, 11, stride=4, padding=2),
+            nn.MaxPool2d(3, 2),
+            *_conv_bn(96, 256, 5, padding=2),
+            nn.MaxPool2d(3, 2),
             *_conv_bn(256, 384, 3, padding=1),
             *_conv_bn(384, 384, 3, padding=1),
-            *_conv_bn(384, 256, 3, padding=1), nn.MaxPool2d(3, 2),
+            *_conv_bn(384, 256, 3, padding=1),
+            nn.MaxPool2d(3, 2),
         )
         self.pool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(256 * 6 * 6, 4096), nn.BatchNorm1d(4096), nn.ReLU(inplace=True),
-            nn.Dropout(dropout), nn.Linear(4096, 4096), nn.BatchNorm1d(4096), nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(256 * 6 * 6, 4096),
+            nn.BatchNorm1d(4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(4096, 4096),
+            nn.BatchNorm1d(4096),
+            nn.ReLU(inplace=True),
             nn.Linear(4096, num_classes),
         )
 

@@ -8,10 +8,22 @@ from __future__ import annotations
 import torch
 
 
-def lars_foreach(weights: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-                 low_params: list[torch.Tensor | None], *, lr: float, momentum: float, weight_decay: float,
-                 trust_coefficient: float, eps: float, nesterov: bool, momentum_style: str, clip: bool,
-                 adapt: bool) -> None:
+def lars_foreach(
+    weights: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    low_params: list[torch.Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    momentum_style: str,
+    clip: bool,
+    adapt: bool,
+) -> None:
     """Step fp32 ``weights`` and momentum in place; ``low_params[i]`` (bf16 or None) gets the rounded weights."""
     ws, vs, m, wd = weights, momentum_buffers, momentum, weight_decay
     gs = [g.float() for g in grads]

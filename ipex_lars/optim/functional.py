@@ -61,23 +61,41 @@ def _validate(params: list, grads: list, momentum_buffers: list, master_params: 
             raise RuntimeError("LARS does not support sparse gradients")
         w = p if master is None else master
         if w.dtype != torch.float32 or v.dtype != torch.float32:
-            raise ValueError(f"LARS: weights and momentum must be float32 (bf16 parameters keep an fp32 master), "
-                             f"got {w.dtype} and {v.dtype}")
+            raise ValueError(
+                f"LARS: weights and momentum must be float32 (bf16 parameters keep an fp32 master), "
+                f"got {w.dtype} and {v.dtype}"
+            )
         if master is not None and p.dtype != torch.bfloat16:
             raise ValueError("LARS: a parameter with an fp32 master copy must be bfloat16")
         if g.shape != p.shape:
             raise ValueError(f"LARS: gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
         if v.shape != p.shape or w.shape != p.shape:
-            raise ValueError(f"LARS state does not fit its parameter: momentum of shape {tuple(v.shape)} for a "
-                             f"parameter of shape {tuple(p.shape)}; load the optimizer state saved with this model")
+            raise ValueError(
+                f"LARS state does not fit its parameter: momentum of shape {tuple(v.shape)} for a "
+                f"parameter of shape {tuple(p.shape)}; load the optimizer state saved with this model"
+            )
 
 
 @torch.no_grad()
-def lars(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-         master_params: list[torch.Tensor | None] | None = None, *, lr: float | torch.Tensor, momentum: float,
-         weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool, momentum_style: str,
-         clip: bool, adapt: bool, impl: str = "auto") -> None:
-    """One LARS step (the update is in the docstring of ``ipex_lars.optim.optimizer``) over one param group's tensors, in place.
+def lars(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    master_params: list[torch.Tensor | None] | None = None,
+    *,
+    lr: float | torch.Tensor,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    momentum_style: str,
+    clip: bool,
+    adapt: bool,
+    impl: str = "auto",
+) -> None:
+    """One LARS step over one param group's tensors, in place (the update is in the docstring of
+    ``ipex_lars.optim.optimizer``).
 
     ``params`` are float32 or bfloat16; ``master_params[i]`` is the float32 master of a
     bfloat16 ``params[i]`` (None for a float32 parameter), which the step updates before
@@ -89,8 +107,17 @@ def lars(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers
     lr = scalar_lr(lr)
     if momentum_style not in STYLES:
         raise ValueError(f"LARS momentum_style must be one of {', '.join(STYLES)}, got {momentum_style!r}")
-    hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
-                 nesterov=nesterov, momentum_style=momentum_style, clip=clip, adapt=adapt)
+    hyper = dict(
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        trust_coefficient=trust_coefficient,
+        eps=eps,
+        nesterov=nesterov,
+        momentum_style=momentum_style,
+        clip=clip,
+        adapt=adapt,
+    )
     if impl == "auto" or impl not in IMPLS:  # a named impl is used as is: no kernel probe on every step
         impl = resolve_impl(impl)
     if impl == "fused" and master_params is None:  # all float32: nothing to round into, which the kernel takes as []

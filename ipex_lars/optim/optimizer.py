@@ -92,8 +92,9 @@ for _name in _MUTATORS:
 class _Gathered:
     """One param group's tensors as the last full gather found them, and what must not have changed."""
 
-    def __init__(self, group: dict, changes: int, ps: list, bufs: list, masters: list, states: list,
-                 idle: list) -> None:
+    def __init__(
+        self, group: dict, changes: int, ps: list, bufs: list, masters: list, states: list, idle: list
+    ) -> None:
         self.group, self.params, self.snapshot, self.changes = group, group["params"], tuple(group["params"]), changes
         self.ps, self.bufs, self.masters, self.idle = ps, bufs, masters, idle
         self.any_master = any(m is not None for m in masters)
@@ -105,11 +106,16 @@ class _Gathered:
         since (counted), the same momentum and master tensors in any plain-dict entry, and no
         parameter that had no gradient then has one now."""
         params = group["params"]
-        return (type(state) is _State and _Changes.count == self.changes and self.group is group
-                and self.params is params and len(params) == len(self.snapshot)
-                and all(map(operator.is_, params, self.snapshot))
-                and all(p.grad is None for p in self.idle)
-                and all(s.get("momentum_buffer") is b and s.get("master_param") is m for s, b, m in self.plain))
+        return (
+            type(state) is _State
+            and _Changes.count == self.changes
+            and self.group is group
+            and self.params is params
+            and len(params) == len(self.snapshot)
+            and all(map(operator.is_, params, self.snapshot))
+            and all(p.grad is None for p in self.idle)
+            and all(s.get("momentum_buffer") is b and s.get("master_param") is m for s, b, m in self.plain)
+        )
 
 
 def _check(ok: bool, message: str) -> None:
@@ -141,8 +147,17 @@ class LARS(torch.optim.Optimizer):
         clip: bool = False,
         impl: str = "auto",
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                        eps=eps, nesterov=nesterov, momentum_style=momentum_style, clip=clip, lars=True)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            nesterov=nesterov,
+            momentum_style=momentum_style,
+            clip=clip,
+            lars=True,
+        )
         self.impl = resolve_impl(impl)
         self._written_version: dict[torch.Tensor, int] = {}
         self._gathered: dict[int, _Gathered] = {}
@@ -168,22 +183,32 @@ class LARS(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         lr = group["lr"]
-        _check(isinstance(lr, (int, float)) and not isinstance(lr, bool) or
-               isinstance(lr, torch.Tensor) and lr.numel() == 1,
-               f"LARS lr must be a number or a one-element tensor, got {lr!r}")
+        _check(
+            isinstance(lr, (int, float))
+            and not isinstance(lr, bool)
+            or isinstance(lr, torch.Tensor)
+            and lr.numel() == 1,
+            f"LARS lr must be a number or a one-element tensor, got {lr!r}",
+        )
         _check(float(lr) >= 0, f"LARS lr must be >= 0, got {float(lr)}")
         _check(0.0 <= group["momentum"] < 1.0, f"LARS momentum must be in [0, 1), got {group['momentum']!r}")
         _check(group["weight_decay"] >= 0, f"LARS weight_decay must be >= 0, got {group['weight_decay']!r}")
-        _check(group["trust_coefficient"] > 0,
-               f"LARS trust_coefficient must be > 0 (the paper uses 0.001), got {group['trust_coefficient']!r}")
+        _check(
+            group["trust_coefficient"] > 0,
+            f"LARS trust_coefficient must be > 0 (the paper uses 0.001), got {group['trust_coefficient']!r}",
+        )
         _check(group["eps"] >= 0, f"LARS eps must be >= 0, got {group['eps']!r}")
-        _check(group["momentum_style"] in STYLES,
-               f"LARS momentum_style must be one of {', '.join(STYLES)}, got {group['momentum_style']!r}")
+        _check(
+            group["momentum_style"] in STYLES,
+            f"LARS momentum_style must be one of {', '.join(STYLES)}, got {group['momentum_style']!r}",
+        )
         _check(not group["nesterov"] or group["momentum"] > 0, "LARS nesterov=True needs momentum > 0")
         for p in group["params"]:
-            _check(p.dtype in (torch.float32, torch.bfloat16),
-                   f"LARS updates float32 or bfloat16 parameters (bf16 through an fp32 master copy); "
-                   f"got a {p.dtype} parameter of shape {tuple(p.shape)}")
+            _check(
+                p.dtype in (torch.float32, torch.bfloat16),
+                f"LARS updates float32 or bfloat16 parameters (bf16 through an fp32 master copy); "
+                f"got a {p.dtype} parameter of shape {tuple(p.shape)}",
+            )
 
     def _fit_state(self, p: torch.Tensor, state: dict) -> dict:
         """Make ``state`` fit ``p``: fp32 momentum, and an fp32 master exactly when ``p`` is bf16."""
@@ -195,12 +220,15 @@ class LARS(torch.optim.Optimizer):
             self._written_version.pop(p, None)
         if "momentum_buffer" not in state:
             weight = state.get("master_param", p)
-            state["momentum_buffer"] = torch.zeros_like(weight, dtype=torch.float32,
-                                                        memory_format=torch.preserve_format)
+            state["momentum_buffer"] = torch.zeros_like(
+                weight, dtype=torch.float32, memory_format=torch.preserve_format
+            )
         elif state["momentum_buffer"].shape != p.shape:
-            raise ValueError(f"LARS state does not fit its parameter: momentum of shape "
-                             f"{tuple(state['momentum_buffer'].shape)} for a parameter of shape {tuple(p.shape)}; "
-                             "load the optimizer state saved with this model")
+            raise ValueError(
+                f"LARS state does not fit its parameter: momentum of shape "
+                f"{tuple(state['momentum_buffer'].shape)} for a parameter of shape {tuple(p.shape)}; "
+                "load the optimizer state saved with this model"
+            )
         return state
 
     def state_dict(self) -> dict:
@@ -222,10 +250,14 @@ class LARS(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         if any(len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)):
-            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
-                             "optimizer's group")
-        by_id = {pid: p for saved, group in zip(saved_groups, self.param_groups)
-                 for pid, p in zip(saved["params"], group["params"])}
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+            )
+        by_id = {
+            pid: p
+            for saved, group in zip(saved_groups, self.param_groups)
+            for pid, p in zip(saved["params"], group["params"])
+        }
         state: defaultdict[Any, dict] = defaultdict(dict)
         for pid, value in state_dict["state"].items():
             p = by_id.get(pid)
@@ -251,8 +283,9 @@ class LARS(torch.optim.Optimizer):
 
     def _record_master_versions(self) -> None:
         """Take the bf16 parameters as they are now as what their masters hold (after a load)."""
-        self._written_version = {p: p._version for p, s in self.state.items()
-                                 if isinstance(s, dict) and "master_param" in s}
+        self._written_version = {
+            p: p._version for p, s in self.state.items() if isinstance(s, dict) and "master_param" in s
+        }
 
     def _sync_masters(self, params: Iterable[torch.Tensor]) -> None:
         """Re-read a bf16 parameter into its master if something else wrote the parameter."""
@@ -299,8 +332,9 @@ class LARS(torch.optim.Optimizer):
         if not all(map(operator.is_not, grads, _NONES)):
             return False
         try:
-            self._step_lists(gathered.group, gathered.ps, grads, gathered.bufs,
-                             gathered.masters if gathered.any_master else None)
+            self._step_lists(
+                gathered.group, gathered.ps, grads, gathered.bufs, gathered.masters if gathered.any_master else None
+            )
         except ValueError:  # e.g. a parameter's dtype changed through .data: nothing was written
             return False
         return True
@@ -332,10 +366,22 @@ class LARS(torch.optim.Optimizer):
 
     def _step_lists(self, group: dict, ps: list, grads: list, bufs: list, masters: list | None) -> None:
         self._sync_masters(ps)
-        lars(ps, grads, bufs, masters, lr=group["lr"],
-             momentum=group["momentum"], weight_decay=group["weight_decay"],
-             trust_coefficient=group["trust_coefficient"], eps=group["eps"], nesterov=group["nesterov"],
-             momentum_style=group["momentum_style"], clip=group["clip"], adapt=group["lars"], impl=self.impl)
+        lars(
+            ps,
+            grads,
+            bufs,
+            masters,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            trust_coefficient=group["trust_coefficient"],
+            eps=group["eps"],
+            nesterov=group["nesterov"],
+            momentum_style=group["momentum_style"],
+            clip=group["clip"],
+            adapt=group["lars"],
+            impl=self.impl,
+        )
         if self._written_version:
             for p in ps:
                 if p in self._written_version:

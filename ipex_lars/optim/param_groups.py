@@ -14,8 +14,7 @@ from torch import nn
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def lars_param_groups(model: nn.Module, weight_decay: float,
-                      exclude: Sequence[str] = ("bn", "bias")) -> list[dict]:
+def lars_param_groups(model: nn.Module, weight_decay: float, exclude: Sequence[str] = ("bn", "bias")) -> list[dict]:
     """Split ``model``'s trainable parameters into a LARS group and an excluded group.
 
     ``exclude`` names what goes to the excluded group (``lars=False``,
@@ -38,8 +37,11 @@ def lars_param_groups(model: nn.Module, weight_decay: float,
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        skip = (id(p) in norm_params or ("bias" in exclude and leaf == "bias")
-                or any(pattern in name for pattern in patterns))
+        skip = (
+            id(p) in norm_params
+            or ("bias" in exclude and leaf == "bias")
+            or any(pattern in name for pattern in patterns)
+        )
         (excluded if skip else adapted).append(p)
     groups = []
     if adapted:

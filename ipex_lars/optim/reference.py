@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def trust_ratio(w: torch.Tensor, g: torch.Tensor, *, weight_decay: float, trust_coefficient: float,
-                eps: float) -> float:
+def trust_ratio(
+    w: torch.Tensor, g: torch.Tensor, *, weight_decay: float, trust_coefficient: float, eps: float
+) -> float:
     """LARS's per-layer trust ratio tau (1 when either norm is zero)."""
     w_norm = torch.linalg.vector_norm(w).item()
     g_norm = torch.linalg.vector_norm(g).item()
@@ -24,10 +25,22 @@ def trust_ratio(w: torch.Tensor, g: torch.Tensor, *, weight_decay: float, trust_
     return trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
 
 
-def lars_reference(weights: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-                   low_params: list[torch.Tensor | None], *, lr: float, momentum: float, weight_decay: float,
-                   trust_coefficient: float, eps: float, nesterov: bool, momentum_style: str, clip: bool,
-                   adapt: bool) -> None:
+def lars_reference(
+    weights: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    low_params: list[torch.Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    momentum_style: str,
+    clip: bool,
+    adapt: bool,
+) -> None:
     """Step fp32 ``weights`` and momentum in place; ``low_params[i]`` (bf16 or None) gets the rounded weights."""
     m, wd = momentum, weight_decay
     for w, g, v, low in zip(weights, grads, momentum_buffers, low_params):

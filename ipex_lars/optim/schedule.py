@@ -20,9 +20,16 @@ class WarmupPolyLR(LRScheduler):
       held at end_lr once t >= total_steps.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                 power: float = 2.0, end_lr: float = 0.0, warmup_start_lr: float = 0.0,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int,
+        total_steps: int,
+        power: float = 2.0,
+        end_lr: float = 0.0,
+        warmup_start_lr: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if total_steps <= warmup_steps:

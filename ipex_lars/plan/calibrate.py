@@ -58,13 +58,20 @@ class Fit:
 
     def as_network_file(self) -> dict:
         """What ``--save`` writes and ``plan --network`` reads."""
-        return {"latency_us": self.alpha_s * 1e6, "bandwidth_gbps": self.bandwidth_gbps,
-                "ddp_step": {"measured_s": self.ddp_step_s, "model_s": self.ddp_step_model_s},
-                "fitted_on": {"ranks": RANKS, "backend": "oneccl", "host": os.uname().nodename,
-                              "bytes": [b for b, _, _ in self.points],
-                              "measured_s": [m for _, m, _ in self.points],
-                              "model_s": [f for _, _, f in self.points]},
-                "note": "2 ranks on one machine: shared-memory transfers, not a network link"}
+        return {
+            "latency_us": self.alpha_s * 1e6,
+            "bandwidth_gbps": self.bandwidth_gbps,
+            "ddp_step": {"measured_s": self.ddp_step_s, "model_s": self.ddp_step_model_s},
+            "fitted_on": {
+                "ranks": RANKS,
+                "backend": "oneccl",
+                "host": os.uname().nodename,
+                "bytes": [b for b, _, _ in self.points],
+                "measured_s": [m for _, m, _ in self.points],
+                "model_s": [f for _, _, f in self.points],
+            },
+            "note": "2 ranks on one machine: shared-memory transfers, not a network link",
+        }
 
 
 def message_bytes(size: str) -> int:
@@ -78,22 +85,40 @@ def measure(sizes: str, seconds: float, timeout: float = 600) -> tuple[dict[int,
     """Median allreduce seconds per message size, and the DDP step, from ``bench comm`` on 2 oneccl ranks."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "comm.json"
-        cmd = [sys.executable, "-m", "ipex_lars", "bench", "comm", "--worlds", str(RANKS), "--backends", "oneccl",
-               "--sizes", sizes, "--seconds", str(seconds), "--ddp-steps", str(DDP_STEPS), "--json", str(path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ipex_lars",
+            "bench",
+            "comm",
+            "--worlds",
+            str(RANKS),
+            "--backends",
+            "oneccl",
+            "--sizes",
+            sizes,
+            "--seconds",
+            str(seconds),
+            "--ddp-steps",
+            str(DDP_STEPS),
+            "--json",
+            str(path),
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise CalibrationError(f"`{' '.join(cmd[2:])}` did not finish within {timeout:.0f} s") from None
         if proc.returncode != 0 or not path.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise CalibrationError(f"`ipex-lars bench comm` failed (rc {proc.returncode}): {' | '.join(tail)}; "
-                                   "check `ipex-lars doctor` says the oneccl extension loads")
+            raise CalibrationError(
+                f"`ipex-lars bench comm` failed (rc {proc.returncode}): {' | '.join(tail)}; "
+                "check `ipex-lars doctor` says the oneccl extension loads"
+            )
         result = json.loads(path.read_text())["results"]["oneccl"][str(RANKS)]
     return {message_bytes(size): t for size, t in result["allreduce_s"].items()}, result["ddp_step_s"]
 
 
-def fit(samples: dict[int, float], ddp_step_s: float | None = None, ranks: int = RANKS,
-        algorithm: str = "ring") -> Fit:
+def fit(samples: dict[int, float], ddp_step_s: float | None = None, ranks: int = RANKS, algorithm: str = "ring") -> Fit:
     """Least-squares alpha, beta (weighted by 1/t, both kept >= 0) for measured ``{bytes: seconds}``."""
     if len(samples) < 2:
         raise CalibrationError("need at least two message sizes to fit latency and bandwidth")
@@ -120,17 +145,22 @@ def fit(samples: dict[int, float], ddp_step_s: float | None = None, ranks: int =
 
 def report(result: Fit) -> list[str]:
     """The fit and, for each measured size, measured vs model time and the model's error."""
-    lines = [f"fit ({RANKS} local ranks, oneccl; model t = 2*alpha + n*beta, least squares on relative error):",
-             f"  alpha = {result.alpha_s * 1e6:.2f} us    beta = {result.beta_s_per_byte * 1e9:.4f} ns/byte "
-             f"= {1 / result.beta_s_per_byte / 1e9:.2f} GB/s = {result.bandwidth_gbps:.1f} Gbit/s per rank",
-             f"  {'bytes':>11} {'measured':>12} {'model':>12} {'error':>8}"]
+    lines = [
+        f"fit ({RANKS} local ranks, oneccl; model t = 2*alpha + n*beta, least squares on relative error):",
+        f"  alpha = {result.alpha_s * 1e6:.2f} us    beta = {result.beta_s_per_byte * 1e9:.4f} ns/byte "
+        f"= {1 / result.beta_s_per_byte / 1e9:.2f} GB/s = {result.bandwidth_gbps:.1f} Gbit/s per rank",
+        f"  {'bytes':>11} {'measured':>12} {'model':>12} {'error':>8}",
+    ]
     for n, measured, model in result.points:
-        lines.append(f"  {n:>11,} {measured * 1e6:>9.1f} us {model * 1e6:>9.1f} us "
-                     f"{(model - measured) / measured * 100:>+7.1f}%")
+        lines.append(
+            f"  {n:>11,} {measured * 1e6:>9.1f} us {model * 1e6:>9.1f} us {(model - measured) / measured * 100:>+7.1f}%"
+        )
     if result.ddp_step_s:
         model, measured = result.ddp_step_model_s, result.ddp_step_s
         megabytes = MODELS["resnet50"].params * 4 / 1e6
-        lines.append(f"check on a job the fit did not see: a DDP step over ResNet-50's {megabytes:.1f} MB of fp32 "
-                     f"gradients, forward and backward near-empty: measured {measured * 1e3:.1f} ms, "
-                     f"model {model * 1e3:.1f} ms ({(model - measured) / measured * 100:+.1f}%)")
+        lines.append(
+            f"check on a job the fit did not see: a DDP step over ResNet-50's {megabytes:.1f} MB of fp32 "
+            f"gradients, forward and backward near-empty: measured {measured * 1e3:.1f} ms, "
+            f"model {model * 1e3:.1f} ms ({(model - measured) / measured * 100:+.1f}%)"
+        )
     return lines

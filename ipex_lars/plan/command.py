@@ -36,12 +36,20 @@ PROG = "ipex-lars plan"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to run (default: one plan from the inputs below)")
-    what.add_argument("--scenario", help=f"start from a published scenario: {', '.join(SCENARIOS)}; "
-                                         "flags given as well override its inputs")
-    what.add_argument("--check", action="store_true", help="predict all published scenarios; print predicted vs "
-                                                           "published time and the %% difference")
-    what.add_argument("--calibrate", action="store_true", help="time oneccl allreduces between 2 local ranks and "
-                                                               "fit latency and bandwidth")
+    what.add_argument(
+        "--scenario",
+        help=f"start from a published scenario: {', '.join(SCENARIOS)}; flags given as well override its inputs",
+    )
+    what.add_argument(
+        "--check",
+        action="store_true",
+        help="predict all published scenarios; print predicted vs published time and the %% difference",
+    )
+    what.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="time oneccl allreduces between 2 local ranks and fit latency and bandwidth",
+    )
     what.add_argument("--save", metavar="FILE.json", help="with --calibrate: write the fit for --network")
     what.add_argument("--calibrate-sizes", default=calibrate.SIZES, help=f"message sizes (default {calibrate.SIZES})")
     what.add_argument("--calibrate-seconds", type=float, default=0.2, help="time budget per size (default 0.2)")
@@ -55,21 +63,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dataset-size", type=int, help="images per epoch (default 1,281,167: ImageNet-1k train)")
     compute = parser.add_argument_group("compute")
     compute.add_argument("--throughput", type=float, metavar="IMG_S", help="training images/s of one node alone")
-    compute.add_argument("--from-bench", metavar="FILE.json", help="take the best images_per_second for the model "
-                                                                   "from the results.json of `ipex-lars bench train`")
+    compute.add_argument(
+        "--from-bench",
+        metavar="FILE.json",
+        help="take the best images_per_second for the model from the results.json of `ipex-lars bench train`",
+    )
     compute.add_argument("--nodes", help="node count, or a list (1,2,4,8) for a scaling table")
-    compute.add_argument("--ranks-per-node", type=int, help="ranks per node; they share the node's throughput "
-                                                            "and bandwidth (default 1)")
+    compute.add_argument(
+        "--ranks-per-node", type=int, help="ranks per node; they share the node's throughput and bandwidth (default 1)"
+    )
     net = parser.add_argument_group("network")
     net.add_argument("--latency-us", type=float, help="allreduce message latency alpha, microseconds")
     net.add_argument("--bandwidth-gbps", type=float, help="network bandwidth of one node, Gbit/s")
-    net.add_argument("--reduce-gbytes-s", type=float, help="local reduction speed (gamma term), GB/s; "
-                                                           "default 0 = not modelled")
+    net.add_argument(
+        "--reduce-gbytes-s", type=float, help="local reduction speed (gamma term), GB/s; default 0 = not modelled"
+    )
     net.add_argument("--network", metavar="FILE.json", help="latency and bandwidth from --calibrate --save")
-    net.add_argument("--algorithm", choices=("ring", "rabenseifner", "auto"), help="allreduce algorithm "
-                                                                                  "(default auto: the cheaper)")
-    net.add_argument("--overlap", type=float, help=f"fraction of compute that can hide the allreduce "
-                                                   f"(default {DEFAULT_OVERLAP:.2f}: backward's share)")
+    net.add_argument(
+        "--algorithm", choices=("ring", "rabenseifner", "auto"), help="allreduce algorithm (default auto: the cheaper)"
+    )
+    net.add_argument(
+        "--overlap",
+        type=float,
+        help=f"fraction of compute that can hide the allreduce (default {DEFAULT_OVERLAP:.2f}: backward's share)",
+    )
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -79,9 +96,18 @@ def _plan(args: argparse.Namespace) -> int:
     r = resolve(args, scenario)
     predictions = scaling(r.inputs, r.node_counts)
     if args.json:
-        print(json.dumps({"model": r.model, "predictions": [prediction_dict(replace(r.inputs, nodes=n), p)
-                                                             for n, p in zip(r.node_counts, predictions)],
-                          "sources": sources_dict(r.sources)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": r.model,
+                    "predictions": [
+                        prediction_dict(replace(r.inputs, nodes=n), p) for n, p in zip(r.node_counts, predictions)
+                    ],
+                    "sources": sources_dict(r.sources),
+                },
+                indent=2,
+            )
+        )
         return 0
     inputs = r.inputs
     title = scenario.title if scenario else f"{r.model}, {inputs.params:,} parameters"
@@ -90,17 +116,23 @@ def _plan(args: argparse.Namespace) -> int:
     print("\n".join(sources_block(r.sources)))
     if len(predictions) == 1:
         p = predictions[0]
-        print(f"prediction for {inputs.nodes} nodes x {inputs.ranks_per_node} ranks, global batch "
-              f"{inputs.global_batch:,}:")
+        print(
+            f"prediction for {inputs.nodes} nodes x {inputs.ranks_per_node} ranks, global batch "
+            f"{inputs.global_batch:,}:"
+        )
         print("\n".join(explain(inputs, p)))
         if r.published_minutes is not None:
-            print(f"published: {r.published_minutes.value:g} min; predicted {p.time_to_train_s / 60:.1f} min "
-                  f"({percent_off(p.time_to_train_s, r.published_minutes.value):+.1f}%)")
+            print(
+                f"published: {r.published_minutes.value:g} min; predicted {p.time_to_train_s / 60:.1f} min "
+                f"({percent_off(p.time_to_train_s, r.published_minutes.value):+.1f}%)"
+            )
     else:
         print("\n".join(scaling_table(inputs, predictions)))
     if any(v.circular for v in r.sources.values()):
-        print("CIRCULAR: an input above was derived from the published result, so this prediction tests only "
-              "the communication model, not the compute throughput")
+        print(
+            "CIRCULAR: an input above was derived from the published result, so this prediction tests only "
+            "the communication model, not the compute throughput"
+        )
     return 0
 
 
@@ -108,12 +140,18 @@ def _outcome(inputs: PlanInputs, published_minutes: float) -> dict:
     """One prediction of a published run as plain data: time, % off, and the allreduce it exposes."""
     p = predict(inputs)
     hiding = hiding_bandwidth(inputs)
-    return {"node_throughput": inputs.node_throughput, "predicted_minutes": p.time_to_train_s / 60,
-            "percent_off": percent_off(p.time_to_train_s, published_minutes),
-            "compute_ms": p.compute_s * 1e3, "allreduce_ms": p.allreduce.total_s * 1e3 if p.allreduce else 0.0,
-            "algorithm": p.allreduce.algorithm if p.allreduce else "none", "exposed_ms": p.exposed_s * 1e3,
-            "efficiency": p.efficiency, "ranks": p.ranks,
-            "hiding_gbps": hiding * 8 / 1e9 * inputs.ranks_per_node if hiding else None}
+    return {
+        "node_throughput": inputs.node_throughput,
+        "predicted_minutes": p.time_to_train_s / 60,
+        "percent_off": percent_off(p.time_to_train_s, published_minutes),
+        "compute_ms": p.compute_s * 1e3,
+        "allreduce_ms": p.allreduce.total_s * 1e3 if p.allreduce else 0.0,
+        "algorithm": p.allreduce.algorithm if p.allreduce else "none",
+        "exposed_ms": p.exposed_s * 1e3,
+        "efficiency": p.efficiency,
+        "ranks": p.ranks,
+        "hiding_gbps": hiding * 8 / 1e9 * inputs.ranks_per_node if hiding else None,
+    }
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -127,19 +165,29 @@ def _check(args: argparse.Namespace) -> int:
     for name, scenario in SCENARIOS.items():
         r = resolve(args, scenario)
         published = float(r.published_minutes.value)
-        row = {"scenario": name, "title": scenario.title, "published_minutes": published,
-               **_outcome(r.inputs, published), "circular": any(v.circular for v in r.sources.values()),
-               "inputs": sources_dict(r.sources), "independent": None,
-               "independent_missing": scenario.independent_missing}
+        row = {
+            "scenario": name,
+            "title": scenario.title,
+            "published_minutes": published,
+            **_outcome(r.inputs, published),
+            "circular": any(v.circular for v in r.sources.values()),
+            "inputs": sources_dict(r.sources),
+            "independent": None,
+            "independent_missing": scenario.independent_missing,
+        }
         details += [f"{name}: {scenario.title}", *sources_block(r.sources), outcome_line("", row)]
         ind = scenario.independent_throughput
         if ind is None:
             details.append(f"  independent throughput: none found; {scenario.independent_missing}")
         else:
-            row["independent"] = {**_outcome(replace(r.inputs, node_throughput=float(ind.value)), published),
-                                  "source": ind.source}
-            details += [f"  independent throughput = {float(ind.value):.1f} img/s per node: {ind.source}",
-                        outcome_line("independent: ", row["independent"])]
+            row["independent"] = {
+                **_outcome(replace(r.inputs, node_throughput=float(ind.value)), published),
+                "source": ind.source,
+            }
+            details += [
+                f"  independent throughput = {float(ind.value):.1f} img/s per node: {ind.source}",
+                outcome_line("independent: ", row["independent"]),
+            ]
         rows.append(row)
         details.append("")
     if args.json:

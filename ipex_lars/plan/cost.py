@@ -119,24 +119,36 @@ class PlanInputs:
             (self.nodes >= 1, f"--nodes must be at least 1, got {self.nodes}: give the node count, e.g. --nodes 16"),
             (self.ranks_per_node >= 1, f"--ranks-per-node must be at least 1, got {self.ranks_per_node}"),
             (self.params > 0, f"--params must be positive, got {self.params}: give the model's parameter count"),
-            (self.node_throughput > 0, f"throughput must be positive, got {self.node_throughput} img/s: give "
-                                       "--throughput IMG_S per node or --from-bench FILE.json"),
-            (self.global_batch >= self.ranks,
-             f"global batch {self.global_batch} is smaller than the {self.ranks} ranks, so some rank gets no "
-             "image: raise --global-batch or lower --nodes"),
+            (
+                self.node_throughput > 0,
+                f"throughput must be positive, got {self.node_throughput} img/s: give "
+                "--throughput IMG_S per node or --from-bench FILE.json",
+            ),
+            (
+                self.global_batch >= self.ranks,
+                f"global batch {self.global_batch} is smaller than the {self.ranks} ranks, so some rank gets no "
+                "image: raise --global-batch or lower --nodes",
+            ),
             (self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
             (self.dataset_size > 0, f"--dataset-size must be positive, got {self.dataset_size}"),
-            (0 <= self.overlap <= 1, f"--overlap is the fraction of compute that can hide the allreduce, so it must "
-                                     f"be in [0, 1], got {self.overlap}"),
+            (
+                0 <= self.overlap <= 1,
+                f"--overlap is the fraction of compute that can hide the allreduce, so it must "
+                f"be in [0, 1], got {self.overlap}",
+            ),
             (self.bytes_per_param > 0, f"--bytes-per-param must be positive, got {self.bytes_per_param}"),
-            (self.ranks == 1 or self.network is not None,
-             "the network is unknown: give --latency-us and --bandwidth-gbps, --network FILE.json "
-             "(written by --calibrate --save), or --scenario NAME"),
+            (
+                self.ranks == 1 or self.network is not None,
+                "the network is unknown: give --latency-us and --bandwidth-gbps, --network FILE.json "
+                "(written by --calibrate --save), or --scenario NAME",
+            ),
         ]
         if self.network is not None:
             checks += [
-                (self.network.bandwidth_bytes_s > 0, "--bandwidth-gbps must be positive: give the link speed in "
-                                                     "Gbit/s, e.g. --bandwidth-gbps 100"),
+                (
+                    self.network.bandwidth_bytes_s > 0,
+                    "--bandwidth-gbps must be positive: give the link speed in Gbit/s, e.g. --bandwidth-gbps 100",
+                ),
                 (self.network.latency_s >= 0, "--latency-us must be zero or positive, e.g. --latency-us 1.5"),
                 (self.network.reduce_bytes_s >= 0, "--reduce-gbytes-s must be zero (not modelled) or positive"),
             ]
@@ -179,10 +191,19 @@ def predict(inputs: PlanInputs) -> Prediction:
     hidden = min(total, inputs.overlap * compute)
     iteration = compute + (total - hidden)
     iterations = inputs.epochs * inputs.dataset_size / inputs.global_batch
-    return Prediction(ranks=inputs.ranks, per_rank_batch=per_rank_batch, compute_s=compute, allreduce=cost,
-                      hidden_s=hidden, exposed_s=total - hidden, iteration_s=iteration, iterations=iterations,
-                      time_to_train_s=iterations * iteration, throughput=inputs.global_batch / iteration,
-                      efficiency=compute / iteration)
+    return Prediction(
+        ranks=inputs.ranks,
+        per_rank_batch=per_rank_batch,
+        compute_s=compute,
+        allreduce=cost,
+        hidden_s=hidden,
+        exposed_s=total - hidden,
+        iteration_s=iteration,
+        iterations=iterations,
+        time_to_train_s=iterations * iteration,
+        throughput=inputs.global_batch / iteration,
+        efficiency=compute / iteration,
+    )
 
 
 def scaling(inputs: PlanInputs, node_counts: list[int]) -> list[Prediction]:

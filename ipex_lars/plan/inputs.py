@@ -54,13 +54,15 @@ def read_bench_throughput(path: str, model: str) -> float:
     fix = "pass a file written by `ipex-lars bench train` (its --out folder's results.json), or give --throughput IMG_S"
     rows = _read_json(path, "benchmark file", fix).get("results")
     if not isinstance(rows, list):
-        raise PlanError(f"benchmark file {path} has no \"results\" list; {fix}")
+        raise PlanError(f'benchmark file {path} has no "results" list; {fix}')
     rates = [r.get("images_per_second") for r in rows if isinstance(r, dict) and r.get("model") == model]
     rates = [r for r in rates if isinstance(r, (int, float)) and r > 0]
     if not rates:
         found = sorted({str(r.get("model")) for r in rows if isinstance(r, dict)})
-        raise PlanError(f"benchmark file {path} has no images_per_second for model {model!r} (it has: "
-                        f"{', '.join(found) or 'none'}); benchmark that model or choose it with --model")
+        raise PlanError(
+            f"benchmark file {path} has no images_per_second for model {model!r} (it has: "
+            f"{', '.join(found) or 'none'}); benchmark that model or choose it with --model"
+        )
     return float(max(rates))
 
 
@@ -98,39 +100,96 @@ def resolve(args: argparse.Namespace, scenario: Scenario | None) -> Resolved:
         raise PlanError(f"unknown model {model!r}; choose {', '.join(MODELS)} or give --params N")
     bench = None
     if args.from_bench:
-        bench = Input(read_bench_throughput(args.from_bench, model),
-                      f"best images_per_second for {model} in {args.from_bench}")
+        bench = Input(
+            read_bench_throughput(args.from_bench, model), f"best images_per_second for {model} in {args.from_bench}"
+        )
     network = read_network(args.network) if args.network else None
     net_source = f"from {args.network} (ipex-lars plan --calibrate)"
     s: dict[str, Input | None] = {
-        "params": (Input(args.params, "given: --params") if args.params is not None
-                   else Input(MODELS[model].params, MODELS[model].source)),
-        "nodes": (Input(",".join(map(str, parse_nodes(args.nodes))), "given: --nodes") if args.nodes
-                  else scenario.nodes if scenario else None),
-        "ranks_per_node": _pick("ranks_per_node", "--ranks-per-node", args.ranks_per_node, None, scenario, 1,
-                                "default: one rank per node"),
+        "params": (
+            Input(args.params, "given: --params")
+            if args.params is not None
+            else Input(MODELS[model].params, MODELS[model].source)
+        ),
+        "nodes": (
+            Input(",".join(map(str, parse_nodes(args.nodes))), "given: --nodes")
+            if args.nodes
+            else scenario.nodes
+            if scenario
+            else None
+        ),
+        "ranks_per_node": _pick(
+            "ranks_per_node", "--ranks-per-node", args.ranks_per_node, None, scenario, 1, "default: one rank per node"
+        ),
         "node_throughput": _pick("node_throughput", "--throughput", args.throughput, bench, scenario, None, ""),
         "global_batch": _pick("global_batch", "--global-batch", args.global_batch, None, scenario, None, ""),
         "epochs": _pick("epochs", "--epochs", args.epochs, None, scenario, 90, "default: 90 epochs"),
-        "dataset_size": _pick("dataset_size", "--dataset-size", args.dataset_size, None, None,
-                              IMAGENET_TRAIN_IMAGES, "default: ImageNet-1k train split"),
-        "latency_us": _pick("latency_us", "--latency-us", args.latency_us,
-                            Input(network[0], net_source) if network else None, scenario, None, ""),
-        "bandwidth_gbps": _pick("bandwidth_gbps", "--bandwidth-gbps", args.bandwidth_gbps,
-                                Input(network[1], net_source) if network else None, scenario, None, ""),
-        "reduce_gbytes_s": _pick("reduce_gbytes_s", "--reduce-gbytes-s", args.reduce_gbytes_s, None, None, 0.0,
-                                 "default: local reduction cost not modelled"),
-        "bytes_per_param": _pick("bytes_per_param", "--bytes-per-param", args.bytes_per_param, None, scenario, 4,
-                                 "default: fp32 gradients"),
-        "algorithm": _pick("algorithm", "--algorithm", args.algorithm, None, scenario, "auto",
-                           "default: the cheaper of ring and rabenseifner"),
-        "overlap": _pick("overlap", "--overlap", args.overlap, None, None, DEFAULT_OVERLAP,
-                         "ASSUMPTION (default): backward is ~2/3 of the FLOPs of forward + backward"),
+        "dataset_size": _pick(
+            "dataset_size",
+            "--dataset-size",
+            args.dataset_size,
+            None,
+            None,
+            IMAGENET_TRAIN_IMAGES,
+            "default: ImageNet-1k train split",
+        ),
+        "latency_us": _pick(
+            "latency_us",
+            "--latency-us",
+            args.latency_us,
+            Input(network[0], net_source) if network else None,
+            scenario,
+            None,
+            "",
+        ),
+        "bandwidth_gbps": _pick(
+            "bandwidth_gbps",
+            "--bandwidth-gbps",
+            args.bandwidth_gbps,
+            Input(network[1], net_source) if network else None,
+            scenario,
+            None,
+            "",
+        ),
+        "reduce_gbytes_s": _pick(
+            "reduce_gbytes_s",
+            "--reduce-gbytes-s",
+            args.reduce_gbytes_s,
+            None,
+            None,
+            0.0,
+            "default: local reduction cost not modelled",
+        ),
+        "bytes_per_param": _pick(
+            "bytes_per_param", "--bytes-per-param", args.bytes_per_param, None, scenario, 4, "default: fp32 gradients"
+        ),
+        "algorithm": _pick(
+            "algorithm",
+            "--algorithm",
+            args.algorithm,
+            None,
+            scenario,
+            "auto",
+            "default: the cheaper of ring and rabenseifner",
+        ),
+        "overlap": _pick(
+            "overlap",
+            "--overlap",
+            args.overlap,
+            None,
+            None,
+            DEFAULT_OVERLAP,
+            "ASSUMPTION (default): backward is ~2/3 of the FLOPs of forward + backward",
+        ),
     }
-    nodes = parse_nodes(str(_require(s, "nodes", "the node count is unknown: give --nodes N (or a list "
-                                                 "N1,N2,...) or --scenario NAME")))
-    throughput = _require(s, "node_throughput", "the per-node throughput is unknown: give --throughput IMG_S, "
-                                                "--from-bench FILE.json or --scenario NAME")
+    nodes = parse_nodes(
+        str(_require(s, "nodes", "the node count is unknown: give --nodes N (or a list N1,N2,...) or --scenario NAME"))
+    )
+    throughput = _require(
+        s,
+        "node_throughput",
+        "the per-node throughput is unknown: give --throughput IMG_S, --from-bench FILE.json or --scenario NAME",
+    )
     batch = _require(s, "global_batch", "the global batch is unknown: give --global-batch B or --scenario NAME")
     net = None
     if s["latency_us"] is not None or s["bandwidth_gbps"] is not None:
@@ -139,13 +198,21 @@ def resolve(args: argparse.Namespace, scenario: Scenario | None) -> Resolved:
         gbps = _require(s, "bandwidth_gbps", f"the network is half given: add {missing} (or use --network FILE)")
         rpn = max(1, int(s["ranks_per_node"].value))
         reduce_rate = float(s["reduce_gbytes_s"].value) * 1e9
-        net = Network(latency_s=float(latency) * 1e-6, bandwidth_bytes_s=float(gbps) * 1e9 / 8 / rpn,
-                      reduce_bytes_s=reduce_rate)
+        net = Network(
+            latency_s=float(latency) * 1e-6, bandwidth_bytes_s=float(gbps) * 1e9 / 8 / rpn, reduce_bytes_s=reduce_rate
+        )
     inputs = PlanInputs(
-        params=int(s["params"].value), nodes=nodes[0], node_throughput=float(throughput),
-        global_batch=int(batch), epochs=float(s["epochs"].value), network=net,
-        ranks_per_node=int(s["ranks_per_node"].value), dataset_size=int(s["dataset_size"].value),
-        algorithm=str(s["algorithm"].value), overlap=float(s["overlap"].value),
-        bytes_per_param=int(s["bytes_per_param"].value))
+        params=int(s["params"].value),
+        nodes=nodes[0],
+        node_throughput=float(throughput),
+        global_batch=int(batch),
+        epochs=float(s["epochs"].value),
+        network=net,
+        ranks_per_node=int(s["ranks_per_node"].value),
+        dataset_size=int(s["dataset_size"].value),
+        algorithm=str(s["algorithm"].value),
+        overlap=float(s["overlap"].value),
+        bytes_per_param=int(s["bytes_per_param"].value),
+    )
     published = scenario.published_minutes if scenario else None
     return Resolved(inputs, nodes, model, {k: v for k, v in s.items() if v is not None}, published)

@@ -33,8 +33,11 @@ ALEXNET_BN_PARAMS = 62_396_104
 
 MODELS = {
     "resnet50": ModelPreset(RESNET50_PARAMS, "torchvision.models.resnet50(), 1000 classes: sum of parameter sizes"),
-    "alexnet_bn": ModelPreset(ALEXNET_BN_PARAMS, "ipex_lars/models/alexnet_bn.py, 1000 classes: sum of parameter "
-                                                 "sizes (torchvision's AlexNet without BN has 61,100,840)"),
+    "alexnet_bn": ModelPreset(
+        ALEXNET_BN_PARAMS,
+        "ipex_lars/models/alexnet_bn.py, 1000 classes: sum of parameter "
+        "sizes (torchvision's AlexNet without BN has 61,100,840)",
+    ),
 }
 
 
@@ -68,12 +71,13 @@ class Scenario:
     independent_missing: str = ""  # when None: what was searched, so the command can say so plainly
 
 
-_PAPER = "You et al., \"ImageNet Training in Minutes\", ICPP 2018 (arXiv 1709.05011)"
+_PAPER = 'You et al., "ImageNet Training in Minutes", ICPP 2018 (arXiv 1709.05011)'
 _PAPER_ABSTRACT = _PAPER + ", abstract"
 _STAMPEDE2 = "TACC Stampede2 user guide (TACC-Docs docs/hpc/stampede2.md)"
 _OPA_LINK = Input(100.0, _STAMPEDE2 + ": 100 Gb/s Intel Omni-Path, fat tree (28/20 oversubscribed at the leaves)")
-_OPA_LATENCY = Input(1.0, "ASSUMPTION: ~1 us MPI latency, the class of figure Intel quotes for Omni-Path; "
-                          "recalled, not verified")
+_OPA_LATENCY = Input(
+    1.0, "ASSUMPTION: ~1 us MPI latency, the class of figure Intel quotes for Omni-Path; recalled, not verified"
+)
 _FP32_GRADS = Input(4, "ASSUMPTION: fp32 gradients (Intel Caffe with MLSL, 2017)")
 _AUTO = Input("auto", "ASSUMPTION: algorithm unknown (Intel MLSL); the model picks the cheaper")
 _PAPER_BATCH = Input(32_768, "recalled from " + _PAPER + " (its 32K runs); not verified here")
@@ -83,8 +87,12 @@ _ONE_RANK = Input(1, "ASSUMPTION: one rank per node (rank placement not publishe
 def _circular_throughput(epochs: float, minutes: float, nodes: int, where: str) -> Input:
     """Per-node images/s that reproduces the published time exactly if nothing else costs time."""
     value = epochs * IMAGENET_TRAIN_IMAGES / (minutes * 60) / nodes
-    return Input(value, f"CIRCULAR: {epochs:g} epochs x {IMAGENET_TRAIN_IMAGES:,} images / "
-                                  f"{minutes:g} min / {nodes:,} nodes, from {where}", circular=True)
+    return Input(
+        value,
+        f"CIRCULAR: {epochs:g} epochs x {IMAGENET_TRAIN_IMAGES:,} images / "
+        f"{minutes:g} min / {nodes:,} nodes, from {where}",
+        circular=True,
+    )
 
 
 def cores_x_base_ghz(cores: int, base_ghz: float) -> float:
@@ -108,7 +116,8 @@ _ALEXNET_INDEPENDENT = Input(
     "ESTIMATE, independent of the record: 399.00 img/s, AlexNet training at batch 64 on 2 x Xeon Gold 6148, "
     "PaddlePaddle 0.11.0 + MKL-DNN v0.11 (PaddlePaddle/Paddle benchmark/IntelOptimizedPaddle.md, Dec 2017), "
     "x 1.05 = (2 x 24 cores x 2.1 GHz) / (2 x 20 cores x 2.4 GHz), the cores x base-clock rule; not Intel Caffe, "
-    "BN not stated, batch 64 where the record run has 32 per node")
+    "BN not stated, batch 64 where the record run has 32 per node",
+)
 
 # ResNet-50 on Xeon Phi 7250: Bae, Jeong, Yeo, Oh, Kwon, "I/O Performance Evaluation of Large-Scale
 # Deep Learning on an HPC System" (KISTI Nurion, 2019), section III.A: Intel-Caffe on a 4-KNL
@@ -118,15 +127,19 @@ _RESNET50_KNL_INDEPENDENT = Input(
     316 / 4,
     "MEASURED, independent of the record: 316 img/s on 4 Xeon Phi 7250 / 4, ResNet-50, Intel-Caffe, "
     "mini-batch 512 (128 per KNL), data in memory (Bae et al., I/O Performance Evaluation of Large-Scale Deep "
-    "Learning on an HPC System, KISTI Nurion, 2019, sec. III.A); batch 128 per node where the record run has 16")
+    "Learning on an HPC System, KISTI Nurion, 2019, sec. III.A); batch 128 per node where the record run has 16",
+)
 
-_MLPERF_MISSING = ("searched for a single-node (or other-size) ResNet-50 training rate on 2 x Xeon 8480+ with "
-                   "PyTorch/IPEX bf16: MLPerf v2.1 and v3.0 have Intel ResNet-50 only on 16 nodes, and the IPEX "
-                   "performance pages found give inference speed-ups, not training img/s (docs/PLAN.md)")
+_MLPERF_MISSING = (
+    "searched for a single-node (or other-size) ResNet-50 training rate on 2 x Xeon 8480+ with "
+    "PyTorch/IPEX bf16: MLPerf v2.1 and v3.0 have Intel ResNet-50 only on 16 nodes, and the IPEX "
+    "performance pages found give inference speed-ups, not training img/s (docs/PLAN.md)"
+)
 
 
-def _paper_scenario(title: str, model: str, nodes: int, cpus: str, per_node: str, epochs: int, minutes: int,
-                    independent: Input) -> Scenario:
+def _paper_scenario(
+    title: str, model: str, nodes: int, cpus: str, per_node: str, epochs: int, minutes: int, independent: Input
+) -> Scenario:
     """One of the paper's two record runs: both share its batch, network, precision and placement."""
     return Scenario(
         title=title,
@@ -152,33 +165,59 @@ _MLPERF_TRAIN = _MLPERF + "benchmarks/resnet/implementations/pytorch-cpu/train.p
 SCENARIOS: dict[str, Scenario] = {
     "paper-alexnet": _paper_scenario(
         title="AlexNet-BN, 100 epochs in 11 min on 2,048 Xeon Platinum 8160 (1,024 Stampede2 SKX nodes)",
-        model="alexnet_bn", nodes=1024, cpus="2,048 Xeon Platinum 8160", per_node="2 per SKX node", epochs=100,
-        minutes=11, independent=_ALEXNET_INDEPENDENT),
+        model="alexnet_bn",
+        nodes=1024,
+        cpus="2,048 Xeon Platinum 8160",
+        per_node="2 per SKX node",
+        epochs=100,
+        minutes=11,
+        independent=_ALEXNET_INDEPENDENT,
+    ),
     "paper-resnet50": _paper_scenario(
         title="ResNet-50, 90 epochs in 20 min on 2,048 Xeon Phi 7250 (2,048 Stampede2 KNL nodes)",
-        model="resnet50", nodes=2048, cpus="2,048 Xeon Phi 7250", per_node="1 per KNL node", epochs=90,
-        minutes=20, independent=_RESNET50_KNL_INDEPENDENT),
+        model="resnet50",
+        nodes=2048,
+        cpus="2,048 Xeon Phi 7250",
+        per_node="1 per KNL node",
+        epochs=90,
+        minutes=20,
+        independent=_RESNET50_KNL_INDEPENDENT,
+    ),
     "mlperf-v3.0": Scenario(
         title="ResNet-50 to 75.9%, MLPerf v3.0: 16 nodes x 2 Xeon Platinum 8480+ in 88 min",
         model="resnet50",
         nodes=Input(16, _MLPERF + "systems/16-nodes-SPR-pytorch.json): number_of_nodes 16"),
         ranks_per_node=Input(2, _MLPERF_RUN + ": mpiexec.hydra -np 32 -ppn 2, one rank per socket"),
-        node_throughput=Input(8590 / 16, "CIRCULAR: ~8,590 img/s over 16 nodes, the run's own logged "
-                                         "throughput as quoted in issue #6 (the v2.1 log of the same system, "
-                                         "result_1.txt, shows 8,397-8,583 img/s in epochs 1-10)", circular=True),
+        node_throughput=Input(
+            8590 / 16,
+            "CIRCULAR: ~8,590 img/s over 16 nodes, the run's own logged "
+            "throughput as quoted in issue #6 (the v2.1 log of the same system, "
+            "result_1.txt, shows 8,397-8,583 img/s in epochs 1-10)",
+            circular=True,
+        ),
         global_batch=Input(3264, _MLPERF_RUN + ": BATCH_SIZE=3264, a global batch (train.py)"),
-        epochs=Input(35, _MLPERF_TRAIN + ": stops at the "
-                         "first eval >= 75.9% from epoch 35 on (evals at 3, 7, ..., 35); shared/FACTS.md: "
-                         "converged at 35"),
+        epochs=Input(
+            35,
+            _MLPERF_TRAIN + ": stops at the "
+            "first eval >= 75.9% from epoch 35 on (evals at 3, 7, ..., 35); shared/FACTS.md: "
+            "converged at 35",
+        ),
         latency_us=Input(5.0, "ASSUMPTION: ~5 us for RoCE (PSM3 over E810 irdma); not published, not verified"),
-        bandwidth_gbps=Input(200.0, _MLPERF_RUN + ": four E810 irdma ports, 2 per rank (CCL_MNIC=local); "
-                                    "ASSUMPTION: 100 Gb/s per E810-C card, one card per socket (vendor figure, "
-                                    "recalled)"),
-        bytes_per_param=Input(4, _MLPERF_TRAIN + ": bf16 autocast keeps fp32 parameters, so DDP "
-                                 "reduces fp32 gradients"),
+        bandwidth_gbps=Input(
+            200.0,
+            _MLPERF_RUN + ": four E810 irdma ports, 2 per rank (CCL_MNIC=local); "
+            "ASSUMPTION: 100 Gb/s per E810-C card, one card per socket (vendor figure, "
+            "recalled)",
+        ),
+        bytes_per_param=Input(
+            4, _MLPERF_TRAIN + ": bf16 autocast keeps fp32 parameters, so DDP reduces fp32 gradients"
+        ),
         algorithm=Input("rabenseifner", _MLPERF_RUN + ": CCL_ALLREDUCE=rabenseifner"),
-        published_minutes=Input(88, "MLPerf Training v3.0 results, Intel 16-nodes-SPR-pytorch, as quoted in "
-                                    "issue #6 and shared/FACTS.md; not re-read here"),
+        published_minutes=Input(
+            88,
+            "MLPerf Training v3.0 results, Intel 16-nodes-SPR-pytorch, as quoted in "
+            "issue #6 and shared/FACTS.md; not re-read here",
+        ),
         independent_missing=_MLPERF_MISSING,
     ),
 }

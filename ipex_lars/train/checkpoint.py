@@ -97,7 +97,7 @@ def save(directory: str | Path, step: int, state: dict, keep: int) -> Path:
     # Prune older steps only: never the file just written, never a later step (an explicit
     # resume from an earlier checkpoint branches; what came after it stays).
     older = [p for p in all_checkpoints(directory) if step_of(p) < step]
-    for old in older[:max(0, len(older) - (keep - 1))]:
+    for old in older[: max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)
     return final
 
@@ -116,15 +116,17 @@ def _save_failure(final: Path, error: OSError, attempted: int) -> str:
         message += f"; a checkpoint needs {need}, {human_size(shutil.disk_usage(directory).free)} are free"
     fix = "free space there" if full else "fix that"
     if existing:
-        return (f"{message}; the checkpoints there are intact (newest {existing[-1].name}): {fix}, then continue "
-                "with --resume auto")
+        return (
+            f"{message}; the checkpoints there are intact (newest {existing[-1].name}): {fix}, then continue "
+            "with --resume auto"
+        )
     return f"{message}: {fix} or pick another --out-dir, then run again"
 
 
 def human_size(n: int) -> str:
     """A byte count for people, in powers of 1000: ``812 bytes``, ``86.4 KB``, ``1.2 GB``."""
     exponent = min((len(str(n)) - 1) // 3, 4)
-    return f"{n} bytes" if exponent == 0 else f"{n / 1000 ** exponent:.1f} {'KMGT'[exponent - 1]}B"
+    return f"{n} bytes" if exponent == 0 else f"{n / 1000**exponent:.1f} {'KMGT'[exponent - 1]}B"
 
 
 def remove_interrupted(directory: str | Path) -> tuple[int, int]:
@@ -169,13 +171,17 @@ def load(path: str | Path, quiet: bool = False) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a foreign file: say which, not where in the unpickler
         reason = (str(exc).strip().splitlines() or [""])[0]
-        raise CorruptCheckpoint(f"checkpoint {path} is not a readable ipex-lars checkpoint "
-                                f"({type(exc).__name__}: {reason})") from None
+        raise CorruptCheckpoint(
+            f"checkpoint {path} is not a readable ipex-lars checkpoint ({type(exc).__name__}: {reason})"
+        ) from None
     if not isinstance(state, dict):
         raise CorruptCheckpoint(f"checkpoint {path} holds a {type(state).__name__}, not an ipex-lars checkpoint")
     if not verified and not quiet:
-        print(f"[ipex-lars] note: {path} has no checksum (it predates them), so it was loaded unverified",
-              file=sys.stderr, flush=True)
+        print(
+            f"[ipex-lars] note: {path} has no checksum (it predates them), so it was loaded unverified",
+            file=sys.stderr,
+            flush=True,
+        )
     return state
 
 
@@ -186,7 +192,7 @@ def saved_sha256(path: str | Path) -> str | None:
     with open(path, "rb") as f:
         f.seek(max(0, path.stat().st_size - _TRAILER_SIZE))
         tail = f.read()
-    return tail[len(_TRAILER):].decode() if len(tail) == _TRAILER_SIZE and tail.startswith(_TRAILER) else None
+    return tail[len(_TRAILER) :].decode() if len(tail) == _TRAILER_SIZE and tail.startswith(_TRAILER) else None
 
 
 def _verify(path: Path) -> bool:
@@ -197,14 +203,16 @@ def _verify(path: Path) -> bool:
         f.seek(max(0, size - _TRAILER_SIZE))
         tail = f.read()
         if len(tail) == _TRAILER_SIZE and tail.startswith(_TRAILER):
-            if _sha256(f, size - _TRAILER_SIZE).encode() != tail[len(_TRAILER):]:
-                raise CorruptCheckpoint(f"checkpoint {path} is damaged: its bytes do not match the SHA-256 "
-                                        "saved with it")
+            if _sha256(f, size - _TRAILER_SIZE).encode() != tail[len(_TRAILER) :]:
+                raise CorruptCheckpoint(
+                    f"checkpoint {path} is damaged: its bytes do not match the SHA-256 saved with it"
+                )
             return True
     if tail[-22:].startswith(_ZIP_END):
         return False
-    raise CorruptCheckpoint(f"checkpoint {path} is truncated or damaged: it ends in neither a checksum "
-                            "nor a zip directory")
+    raise CorruptCheckpoint(
+        f"checkpoint {path} is truncated or damaged: it ends in neither a checksum nor a zip directory"
+    )
 
 
 def _sha256(f, length: int) -> str:

@@ -12,9 +12,12 @@ from launchers.argtypes import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default="digits",
-                        help="packaged recipe (digits, resnet50-32k, alexnet-bn-32k, resnet50-mlperf) "
-                             "or a FILE.yaml of settings (default: digits)")
+    parser.add_argument(
+        "--recipe",
+        default="digits",
+        help="packaged recipe (digits, resnet50-32k, alexnet-bn-32k, resnet50-mlperf) "
+        "or a FILE.yaml of settings (default: digits)",
+    )
     group = parser.add_argument_group("settings (each overrides the recipe)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -24,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
-                               help=help_text)
+            group.add_argument(
+                flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,13 +54,17 @@ def run(args: argparse.Namespace) -> int:
             liveness.fail(f"{type(exc).__name__}: {exc}")
         raise UsageError(str(exc)) from None
     except ModuleNotFoundError as exc:  # an optional dependency this recipe needs (torchvision, pillow)
-        raise UsageError(f"this recipe needs the Python package '{exc.name}', which is not installed; install "
-                         "the data extra: pip install 'ipex-lars[data]'") from None
+        raise UsageError(
+            f"this recipe needs the Python package '{exc.name}', which is not installed; install "
+            "the data extra: pip install 'ipex-lars[data]'"
+        ) from None
     if result.get("rank", 0) != 0:
         return 0  # rank 0 reports for the job
     minutes = (time.perf_counter() - start) / 60
-    print(f"[ipex-lars] done: {result['steps']} steps in {minutes:.1f} min, held-out top-1 "
-          f"{result['val_top1']:.2f}%, {result['skipped_steps']} skipped step(s), LARS impl "
-          f"{result['optimizer_impl']}; metrics and checkpoints in {cfg.out_dir}")
+    print(
+        f"[ipex-lars] done: {result['steps']} steps in {minutes:.1f} min, held-out top-1 "
+        f"{result['val_top1']:.2f}%, {result['skipped_steps']} skipped step(s), LARS impl "
+        f"{result['optimizer_impl']}; metrics and checkpoints in {cfg.out_dir}"
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "phase_seconds"}))
     return 0

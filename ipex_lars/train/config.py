@@ -53,13 +53,16 @@ class TrainConfig:
     data_dir: str = _opt("", "imagefolder root holding train/CLASS/*.JPEG and val/CLASS/*.JPEG")
     workers: int = _opt(4, "DataLoader worker processes decoding images (imagefolder)", valid=AT_LEAST_0)
     image_size: int = _opt(224, "training crop side (imagefolder, synthetic)", valid=AT_LEAST_1)
-    max_image_pixels: int = _opt(64_000_000, "imagefolder images with more pixels are skipped (and named in "
-                                 "skipped.txt), checked from the header before decoding", valid=AT_LEAST_1)
+    max_image_pixels: int = _opt(
+        64_000_000,
+        "imagefolder images with more pixels are skipped (and named in "
+        "skipped.txt), checked from the header before decoding",
+        valid=AT_LEAST_1,
+    )
     num_samples: int = _opt(2048, "training samples for synthetic data", valid=AT_LEAST_1)
     num_classes: int = _opt(1000, "classes for synthetic data", valid=AT_LEAST_1)
     epochs: int = _opt(40, "training epochs", valid=AT_LEAST_1)
-    global_batch: int = _opt(512, "images per optimizer step over all ranks and accumulation steps",
-                             valid=AT_LEAST_1)
+    global_batch: int = _opt(512, "images per optimizer step over all ranks and accumulation steps", valid=AT_LEAST_1)
     accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step on each rank", valid=AT_LEAST_1)
     optimizer: str = _opt("lars", "optimizer", ("lars", "sgd"))
     lr: float = _opt(2.0, "peak learning rate (after warmup)", valid=AT_LEAST_0)
@@ -73,28 +76,42 @@ class TrainConfig:
     poly_power: float = _opt(2.0, "power of the polynomial decay after warmup", valid=ABOVE_0)
     end_lr: float = _opt(0.0, "learning rate at the end of training", valid=AT_LEAST_0)
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", valid=FRACTION)
-    precision: str = _opt("fp32", "compute precision; auto: bf16 where the CPU computes it natively "
-                          "(AVX512_BF16, AVX_NE_CONVERT, AMX), else fp32", ("auto", "fp32", "bf16"))
+    precision: str = _opt(
+        "fp32",
+        "compute precision; auto: bf16 where the CPU computes it natively "
+        "(AVX512_BF16, AVX_NE_CONVERT, AMX), else fp32",
+        ("auto", "fp32", "bf16"),
+    )
     channels_last: bool = _opt(False, "use the channels-last memory format")
-    backend: str = _opt("native", "execution backend: eager PyTorch, ipex.optimize (ipex stack), or torch.compile",
-                        ("native", "ipex", "compile"))
+    backend: str = _opt(
+        "native",
+        "execution backend: eager PyTorch, ipex.optimize (ipex stack), or torch.compile",
+        ("native", "ipex", "compile"),
+    )
     impl: str = _opt("auto", "LARS implementation", ("auto", "fused", "foreach", "reference"))
-    overlap_optimizer: bool = _opt(False, "with several ranks, run LARS on each gradient bucket as soon as its allreduce "
-                                   "completes, during backward (same weights; a non-finite bucket is skipped alone)")
-    bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size in MB: smaller buckets start allreduce (and, with "
-                                     "overlap_optimizer, LARS) earlier in backward, at more messages per step",
-                                valid=ABOVE_0)
-    dist_backend: str = _opt("auto", "torch.distributed backend for multi-rank runs (auto: oneccl within one "
-                             "host or on a fabric, gloo across hosts over TCP or without oneCCL)",
-                             ("auto", "oneccl", "gloo", "ccl"))
+    overlap_optimizer: bool = _opt(
+        False,
+        "with several ranks, run LARS on each gradient bucket as soon as its allreduce "
+        "completes, during backward (same weights; a non-finite bucket is skipped alone)",
+    )
+    bucket_cap_mb: float = _opt(
+        25.0,
+        "DDP gradient bucket size in MB: smaller buckets start allreduce (and, with "
+        "overlap_optimizer, LARS) earlier in backward, at more messages per step",
+        valid=ABOVE_0,
+    )
+    dist_backend: str = _opt(
+        "auto",
+        "torch.distributed backend for multi-rank runs (auto: oneccl within one "
+        "host or on a fabric, gloo across hosts over TCP or without oneCCL)",
+        ("auto", "oneccl", "gloo", "ccl"),
+    )
     seed: int = _opt(0, "seed of initialisation, data order and dropout", valid=Range(0, 2**32 - 1))
     out_dir: str = _opt("runs/digits", "where checkpoints and metrics go")
-    checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end of every epoch",
-                                 valid=AT_LEAST_0)
+    checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end of every epoch", valid=AT_LEAST_0)
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep", valid=AT_LEAST_1)
     resume: str = _opt("", "checkpoint file to resume from, or 'auto' for the newest in out_dir")
-    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = run all epochs)",
-                          valid=AT_LEAST_0)
+    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = run all epochs)", valid=AT_LEAST_0)
     skip_nonfinite: bool = _opt(True, "skip (and count) steps whose gradients are not finite")
     threads: int = _opt(0, "intra-op threads (0 = torch's default)", valid=AT_LEAST_0)
     progress: bool = _opt(True, "show a progress bar")
@@ -111,8 +128,10 @@ class TrainConfig:
         if self.overlap_optimizer and self.optimizer != "lars":
             raise ValueError("overlap_optimizer steps LARS bucket by bucket; use optimizer lars, or drop it")
         if self.overlap_optimizer and self.backend == "ipex" and self.precision == "bf16":
-            raise ValueError("overlap_optimizer cannot update IPEX's bf16 master weights, which change only in "
-                             "optimizer.step(); use backend native for bf16, precision fp32, or drop it")
+            raise ValueError(
+                "overlap_optimizer cannot update IPEX's bf16 master weights, which change only in "
+                "optimizer.step(); use backend native for bf16, precision fp32, or drop it"
+            )
 
 
 def recipe_path(name: str) -> Path:

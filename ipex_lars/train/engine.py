@@ -165,10 +165,18 @@ def train(cfg: TrainConfig) -> dict:
     if "val_top1" not in record:
         record["val_top1"] = evaluate(run.core, run.val_data, run.cfg, run.rank, run.world)["top1"]
     finish(run)
-    record.update({"rank": run.rank, "world_size": run.world, "skipped_steps": tally.skipped_steps,
-                   "skipped_images": tally.skipped_images, "steps": run.step, "phase_seconds": tally.timings,
-                   "optimizer_impl": getattr(run.optimizer, "impl", "torch.optim.SGD"),
-                   "overlapped_bucket_steps": tally.overlapped_buckets})
+    record.update(
+        {
+            "rank": run.rank,
+            "world_size": run.world,
+            "skipped_steps": tally.skipped_steps,
+            "skipped_images": tally.skipped_images,
+            "steps": run.step,
+            "phase_seconds": tally.timings,
+            "optimizer_impl": getattr(run.optimizer, "impl", "torch.optim.SGD"),
+            "overlapped_bucket_steps": tally.overlapped_buckets,
+        }
+    )
     return record
 
 
@@ -181,9 +189,15 @@ def setup(cfg: TrainConfig) -> Run:
     _log(rank, precision_note)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train_data, val_data = build_datasets(cfg.data, seed=cfg.seed, num_samples=cfg.num_samples,
-                                          image_size=cfg.image_size, num_classes=cfg.num_classes,
-                                          data_dir=cfg.data_dir, max_pixels=cfg.max_image_pixels)
+    train_data, val_data = build_datasets(
+        cfg.data,
+        seed=cfg.seed,
+        num_samples=cfg.num_samples,
+        image_size=cfg.image_size,
+        num_classes=cfg.num_classes,
+        data_dir=cfg.data_dir,
+        max_pixels=cfg.max_image_pixels,
+    )
     plan = BatchPlan(len(train_data), cfg.global_batch, cfg.accum_steps, rank, world, cfg.seed)
     schedule_steps = cfg.epochs * plan.steps_per_epoch
     total_steps = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
@@ -193,13 +207,22 @@ def setup(cfg: TrainConfig) -> Run:
     in_channels = train_data.images.shape[1] if hasattr(train_data, "images") else 3
     core, optimizer = build_model(cfg, train_data.num_classes, in_channels)
     warmup_steps = min(round(cfg.warmup_epochs * plan.steps_per_epoch), schedule_steps - 1)
-    scheduler = WarmupPolyLR(optimizer, warmup_steps=warmup_steps, total_steps=schedule_steps,
-                             power=cfg.poly_power, end_lr=cfg.end_lr, warmup_start_lr=cfg.warmup_start_lr)
+    scheduler = WarmupPolyLR(
+        optimizer,
+        warmup_steps=warmup_steps,
+        total_steps=schedule_steps,
+        power=cfg.poly_power,
+        end_lr=cfg.end_lr,
+        warmup_start_lr=cfg.warmup_start_lr,
+    )
 
     if rank == 0 and (removed := checkpoint.remove_interrupted(out))[0]:
         files, freed = removed
-        _log(rank, f"removed {files} temp file(s) of interrupted checkpoint saves from {out}, freeing {freed} bytes"
-                   + (f" ({checkpoint.human_size(freed)})" if freed >= 1000 else ""))
+        _log(
+            rank,
+            f"removed {files} temp file(s) of interrupted checkpoint saves from {out}, freeing {freed} bytes"
+            + (f" ({checkpoint.human_size(freed)})" if freed >= 1000 else ""),
+        )
     step, resumed_from = 0, None
     if resumed := resume.agree(cfg, out, rank, world):
         resumed_from, state = resumed
@@ -209,8 +232,25 @@ def setup(cfg: TrainConfig) -> Run:
     model, sync = wrap_model(core, optimizer, cfg, world)
     if world == 1 and cfg.overlap_optimizer:
         _log(rank, "--overlap-optimizer has no effect in a single process: there is no allreduce to overlap")
-    return Run(cfg, out, rank, world, joined, train_data, val_data, plan, total_steps, core, model, optimizer,
-               scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), sync, step, resumed_from)
+    return Run(
+        cfg,
+        out,
+        rank,
+        world,
+        joined,
+        train_data,
+        val_data,
+        plan,
+        total_steps,
+        core,
+        model,
+        optimizer,
+        scheduler,
+        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        sync,
+        step,
+        resumed_from,
+    )
 
 
 def train_one_epoch(run: Run, tally: Tally, stop: _StopRequest) -> Iterator[tuple[dict, bool, bool]]:
@@ -232,10 +272,16 @@ def train_one_epoch(run: Run, tally: Tally, stop: _StopRequest) -> Iterator[tupl
         lr = run.optimizer.param_groups[0]["lr"]  # the rate this step used
         run.scheduler.step()  # the schedule follows iterations, taken or skipped
         run.step += 1
-        record = {"step": run.step, "epoch": epoch, "loss": loss, "lr": lr,
-                  "images_per_second": round(run.cfg.global_batch / seconds, 2),
-                  **{f"{k}_seconds": round(tally.timings[k] - before[k], 5) for k in PHASES},
-                  "skipped_steps": tally.skipped_steps, "skipped_images": tally.skipped_images}
+        record = {
+            "step": run.step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "images_per_second": round(run.cfg.global_batch / seconds, 2),
+            **{f"{k}_seconds": round(tally.timings[k] - before[k], 5) for k in PHASES},
+            "skipped_steps": tally.skipped_steps,
+            "skipped_images": tally.skipped_images,
+        }
         end_of_epoch = run.step == end
         if end_of_epoch:
             held_out = evaluate(run.core, run.val_data, run.cfg, run.rank, run.world)
@@ -252,8 +298,9 @@ def finish(run: Run) -> None:
         ild.shutdown()
 
 
-def train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: dict,
-               sync: GradientSync | None) -> StepResult:
+def train_step(
+    model, optimizer, criterion, batches, cfg: TrainConfig, timings: dict, sync: GradientSync | None
+) -> StepResult:
     """One optimizer step over this rank's next ``accum_steps`` micro-batches; adds each phase's
     seconds to ``timings``."""
     loss_sum, bad = 0.0, 0
@@ -267,7 +314,7 @@ def train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: 
         x = to_input(images, cfg)
         t1 = time.perf_counter()
         reduce = sync is not None and j == cfg.accum_steps - 1  # earlier micro-batches only accumulate
-        with (model.no_sync() if sync is not None and not reduce else nullcontext()):
+        with model.no_sync() if sync is not None and not reduce else nullcontext():
             with autocast(cfg):
                 loss = criterion(model(x).float(), y) / cfg.accum_steps
             t2 = time.perf_counter()
@@ -288,7 +335,8 @@ def train_step(model, optimizer, criterion, batches, cfg: TrainConfig, timings: 
         finite = report.skipped_buckets == 0
     else:
         finite = not cfg.skip_nonfinite or grads_finite(
-            [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
+            [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        )
         if finite:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -302,8 +350,11 @@ def _report(record: dict, metrics: MetricsLog | None, progress) -> None:
         metrics.write(record)
     if progress:
         progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}",
-                             **({"val_top1": f"{record['val_top1']:.1f}"} if "val_top1" in record else {}))
+        progress.set_postfix(
+            loss=f"{record['loss']:.3f}",
+            lr=f"{record['lr']:.3g}",
+            **({"val_top1": f"{record['val_top1']:.1f}"} if "val_top1" in record else {}),
+        )
 
 
 def _mean_over_ranks(loss: float, stop: bool, world: int) -> tuple[float, bool]:
@@ -317,9 +368,14 @@ def _mean_over_ranks(loss: float, stop: bool, world: int) -> tuple[float, bool]:
 
 
 def _state(cfg: TrainConfig, step: int, model: nn.Module, optimizer, scheduler) -> dict:
-    return {"step": step, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+    return {
+        "step": step,
+        "config": dataclasses.asdict(cfg),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
 
 
 def _restore(state: dict, cfg: TrainConfig, model, optimizer, scheduler) -> int:
@@ -339,8 +395,9 @@ def _prepare_out_dir(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as exc:
-        raise ValueError(f"out_dir {out} is not writable ({exc.strerror or exc}); pick a writable folder with "
-                         "--out-dir") from None
+        raise ValueError(
+            f"out_dir {out} is not writable ({exc.strerror or exc}); pick a writable folder with --out-dir"
+        ) from None
 
 
 def _progress(rank: int, total: int, done: int):

@@ -43,7 +43,7 @@ def average_buffers(model: nn.Module, world: int) -> None:
     flat /= world
     offset = 0
     for b in buffers:
-        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
         offset += b.numel()
 
 
@@ -69,5 +69,10 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig, rank: int = 0, world: int
     if world > 1:
         dist.all_reduce(totals)
     correct1, correct5, loss, n, unreadable = totals.tolist()
-    return {"top1": 100.0 * correct1 / max(n, 1), "top5": 100.0 * correct5 / max(n, 1), "loss": loss / max(n, 1),
-            "images": int(n), "skipped_images": int(unreadable)}
+    return {
+        "top1": 100.0 * correct1 / max(n, 1),
+        "top5": 100.0 * correct5 / max(n, 1),
+        "loss": loss / max(n, 1),
+        "images": int(n),
+        "skipped_images": int(unreadable),
+    }

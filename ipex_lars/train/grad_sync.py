@@ -45,8 +45,10 @@ class GradientSync:
 
     def __init__(self, model: nn.parallel.DistributedDataParallel, optimizer=None, skip_nonfinite: bool = True):
         if optimizer is not None and not model.gradient_as_bucket_view:
-            raise ValueError("stepping buckets needs DDP(..., gradient_as_bucket_view=True): only then are the "
-                             "parameters' .grad the averaged bucket values when the allreduce completes")
+            raise ValueError(
+                "stepping buckets needs DDP(..., gradient_as_bucket_view=True): only then are the "
+                "parameters' .grad the averaged bucket values when the allreduce completes"
+            )
         self.group = model.process_group
         self.world = self.group.size()
         self.optimizer = optimizer  # set: step each bucket's parameters after its allreduce

@@ -12,8 +12,20 @@ from pathlib import Path
 from ipex_lars.train.checkpoint import SaveError
 
 PHASES = ("data", "forward", "backward", "allreduce", "optimizer")
-CSV_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_second", *(f"{p}_seconds" for p in PHASES),
-               "skipped_steps", "skipped_images", "val_top1", "val_top5", "val_loss", "val_skipped_images")
+CSV_COLUMNS = (
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "images_per_second",
+    *(f"{p}_seconds" for p in PHASES),
+    "skipped_steps",
+    "skipped_images",
+    "val_top1",
+    "val_top5",
+    "val_loss",
+    "val_skipped_images",
+)
 
 
 class MetricsLog:
@@ -39,8 +51,10 @@ class MetricsLog:
             self._jsonl.flush()
             self._csv_file.flush()
         except OSError as exc:
-            raise SaveError(f"cannot write metrics to {self.jsonl_path.parent}: {exc.strerror or exc}; free space "
-                            "there (or fix that), then continue with --resume auto") from exc
+            raise SaveError(
+                f"cannot write metrics to {self.jsonl_path.parent}: {exc.strerror or exc}; free space "
+                "there (or fix that), then continue with --resume auto"
+            ) from exc
 
     def close(self) -> None:
         """Close both files; what a full disk kept in their buffers is dropped (``write`` reported it)."""
@@ -75,8 +89,12 @@ def _readable_lines(path: Path) -> list[tuple[str, dict]]:
             kept.append((line, record))
     if dropped:
         numbers = ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
-        print(f"[ipex-lars] warning: dropped {len(dropped)} torn or unreadable line(s) of {path} (line {numbers}), "
-              "as a crash or a full disk leaves them; rewrote the file without them", file=sys.stderr, flush=True)
+        print(
+            f"[ipex-lars] warning: dropped {len(dropped)} torn or unreadable line(s) of {path} (line {numbers}), "
+            "as a crash or a full disk leaves them; rewrote the file without them",
+            file=sys.stderr,
+            flush=True,
+        )
     return kept
 
 

@@ -31,10 +31,18 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     """LARS (or SGD, the large-batch baseline) with BN and bias excluded from decay."""
     groups = lars_param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD([{k: v for k, v in g.items() if k != "lars"} for g in groups],
-                               lr=cfg.lr, momentum=cfg.momentum)
-    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, eps=cfg.lars_eps,
-                momentum_style=cfg.momentum_style, impl=cfg.impl)
+        return torch.optim.SGD(
+            [{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=cfg.lr, momentum=cfg.momentum
+        )
+    return LARS(
+        groups,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        trust_coefficient=cfg.trust_coefficient,
+        eps=cfg.lars_eps,
+        momentum_style=cfg.momentum_style,
+        impl=cfg.impl,
+    )
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -48,8 +56,9 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> tup
     return model, optimizer
 
 
-def wrap_model(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-               world: int) -> tuple[nn.Module, GradientSync | None]:
+def wrap_model(
+    model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, world: int
+) -> tuple[nn.Module, GradientSync | None]:
     """How the model runs: compiled for backend compile, and under DDP when there are several ranks."""
     if cfg.backend == "compile":
         model = torch.compile(model)
@@ -58,8 +67,9 @@ def wrap_model(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCon
     # gradients live in DDP's buckets, where the optimizer reads the averaged values in place. BN running
     # statistics stay each rank's own (no broadcast from rank 0 before every forward): they are averaged
     # across ranks before each evaluation and checkpoint instead, which counts every rank's batches.
-    model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, bucket_cap_mb=cfg.bucket_cap_mb,
-                                                broadcast_buffers=False)
+    model = nn.parallel.DistributedDataParallel(
+        model, gradient_as_bucket_view=True, bucket_cap_mb=cfg.bucket_cap_mb, broadcast_buffers=False
+    )
     return model, GradientSync(model, optimizer if cfg.overlap_optimizer else None, cfg.skip_nonfinite)
 
 
@@ -68,7 +78,9 @@ def _ipex_optimize(model: nn.Module, optimizer, cfg: TrainConfig):
     try:
         import intel_extension_for_pytorch as ipex
     except ImportError:
-        raise ValueError("backend ipex needs Intel Extension for PyTorch: use the ipex stack "
-                         "(env/setup.sh ipex, .venv-ipex) or --backend native") from None
+        raise ValueError(
+            "backend ipex needs Intel Extension for PyTorch: use the ipex stack "
+            "(env/setup.sh ipex, .venv-ipex) or --backend native"
+        ) from None
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     return ipex.optimize(model, optimizer=optimizer, dtype=dtype)

@@ -37,8 +37,10 @@ def choose(cfg: TrainConfig, machine: Machine | None = None) -> tuple[TrainConfi
         if cfg.precision == "auto":  # cannot happen today (native bf16 implies the prepack ISA), kept safe
             precision, why = "fp32", f"precision auto -> fp32: IPEX bf16 needs {missing[0]}"
         else:
-            raise ValueError(f"--backend ipex --precision bf16 needs {missing[0]}, which this CPU ({cpu.model}) "
-                             "lacks; use --backend native (bf16 autocast), --precision fp32, or --precision auto")
+            raise ValueError(
+                f"--backend ipex --precision bf16 needs {missing[0]}, which this CPU ({cpu.model}) "
+                "lacks; use --backend native (bf16 autocast), --precision fp32, or --precision auto"
+            )
     return dataclasses.replace(cfg, precision=precision), why
 
 

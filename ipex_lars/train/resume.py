@@ -31,8 +31,20 @@ from ipex_lars.train import checkpoint
 from ipex_lars.train.config import TrainConfig
 
 # Settings that fix the data order and the learning-rate schedule: a resumed run must keep them.
-MUST_MATCH = ("model", "data", "global_batch", "seed", "epochs", "optimizer", "lr", "warmup_epochs",
-              "warmup_start_lr", "poly_power", "end_lr", "momentum_style")
+MUST_MATCH = (
+    "model",
+    "data",
+    "global_batch",
+    "seed",
+    "epochs",
+    "optimizer",
+    "lr",
+    "warmup_epochs",
+    "warmup_start_lr",
+    "poly_power",
+    "end_lr",
+    "momentum_style",
+)
 
 
 class ResumeRefused(ValueError):
@@ -64,9 +76,17 @@ def agree(cfg: TrainConfig, out: Path, rank: int = 0, world: int = 1) -> tuple[P
             found = _rank0_choice(cfg, out)
             if found is not None:
                 _check_settings(found[1]["config"], cfg)
-            decision = Decision() if found is None else Decision(
-                path=str(found[0]), in_out_dir=cfg.resume == "auto", step=found[1]["step"],
-                sha256=checkpoint.saved_sha256(found[0]), host=socket.gethostname())
+            decision = (
+                Decision()
+                if found is None
+                else Decision(
+                    path=str(found[0]),
+                    in_out_dir=cfg.resume == "auto",
+                    step=found[1]["step"],
+                    sha256=checkpoint.saved_sha256(found[0]),
+                    host=socket.gethostname(),
+                )
+            )
         except ValueError as exc:
             decision = Decision(error=str(exc))
     else:
@@ -87,9 +107,11 @@ def agree(cfg: TrainConfig, out: Path, rank: int = 0, world: int = 1) -> tuple[P
         first, reason = failed[0]
         others = f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])} likewise)" if len(failed) > 1 else ""
         where = "into every rank's --out-dir" if decision.in_out_dir else "to that path on every rank's host"
-        raise ResumeRefused(f"rank {first} {reason}{others}; rank 0 resumes from {decision.host}:{decision.path} "
-                            f"(step {decision.step}). Put --out-dir on a filesystem all ranks share, or copy that "
-                            f"file {where}")
+        raise ResumeRefused(
+            f"rank {first} {reason}{others}; rank 0 resumes from {decision.host}:{decision.path} "
+            f"(step {decision.step}). Put --out-dir on a filesystem all ranks share, or copy that "
+            f"file {where}"
+        )
     return mine
 
 
@@ -101,15 +123,18 @@ def _rank0_choice(cfg: TrainConfig, out: Path) -> tuple[Path, dict] | None:
     """
     if not cfg.resume:
         if existing := checkpoint.all_checkpoints(out):
-            raise ValueError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue that run "
-                             "with --resume auto, or start this one in a new --out-dir")
+            raise ValueError(
+                f"{out} already holds checkpoints (newest {existing[-1].name}); continue that run "
+                "with --resume auto, or start this one in a new --out-dir"
+            )
         return None
     if cfg.resume != "auto":
         try:
             return Path(cfg.resume), checkpoint.load(cfg.resume)
         except checkpoint.CorruptCheckpoint as exc:
-            raise ValueError(f"{exc}; resume from another one, or use --resume auto for the newest intact one "
-                             "in --out-dir") from None
+            raise ValueError(
+                f"{exc}; resume from another one, or use --resume auto for the newest intact one in --out-dir"
+            ) from None
     found = checkpoint.all_checkpoints(out)
     for path in reversed(found):
         try:
@@ -117,8 +142,10 @@ def _rank0_choice(cfg: TrainConfig, out: Path) -> tuple[Path, dict] | None:
         except checkpoint.CorruptCheckpoint as exc:
             print(f"[ipex-lars] warning: {exc}; --resume auto skips it", file=sys.stderr, flush=True)
     if found:
-        raise ValueError(f"none of the {len(found)} checkpoint(s) in {out} is intact (see the warnings above); "
-                         "start afresh in a new --out-dir")
+        raise ValueError(
+            f"none of the {len(found)} checkpoint(s) in {out} is intact (see the warnings above); "
+            "start afresh in a new --out-dir"
+        )
     return None
 
 
@@ -128,8 +155,10 @@ def _check_settings(saved: dict, cfg: TrainConfig) -> None:
     for key in MUST_MATCH:
         made_with = saved.get(key, getattr(defaults, key))
         if made_with != getattr(cfg, key):
-            raise ValueError(f"cannot resume: the checkpoint was made with {key}={made_with!r}, this run has "
-                             f"{getattr(cfg, key)!r}; use the same setting or a new --out-dir")
+            raise ValueError(
+                f"cannot resume: the checkpoint was made with {key}={made_with!r}, this run has "
+                f"{getattr(cfg, key)!r}; use the same setting or a new --out-dir"
+            )
 
 
 def _read_same(path: Path, decision: Decision) -> tuple[tuple[Path, dict] | None, str | None]:

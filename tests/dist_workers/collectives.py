@@ -25,8 +25,12 @@ def main() -> None:
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     values = torch.arange(1, world + 1, dtype=torch.float64)  # rank r contributes r + 1
-    reductions = {dist.ReduceOp.SUM: values.sum(), dist.ReduceOp.PRODUCT: values.prod(),
-                  dist.ReduceOp.MIN: values.min(), dist.ReduceOp.MAX: values.max()}
+    reductions = {
+        dist.ReduceOp.SUM: values.sum(),
+        dist.ReduceOp.PRODUCT: values.prod(),
+        dist.ReduceOp.MIN: values.min(),
+        dist.ReduceOp.MAX: values.max(),
+    }
     for dtype in DTYPES:
         ops = dict(reductions)
         if dtype.is_floating_point:
@@ -69,7 +73,7 @@ def main() -> None:
     contrib = torch.arange(3 * world, dtype=torch.float32) + rank
     out = torch.empty(3)
     dist.reduce_scatter_tensor(out, contrib)
-    want = sum(torch.arange(3 * world, dtype=torch.float32) + r for r in range(world))[3 * rank:3 * rank + 3]
+    want = sum(torch.arange(3 * world, dtype=torch.float32) + r for r in range(world))[3 * rank : 3 * rank + 3]
     expect(out, want, "reduce_scatter_tensor")
     dist.reduce_scatter_tensor(out, contrib, op=dist.ReduceOp.AVG)
     expect(out, want / world, "reduce_scatter_tensor AVG")

@@ -41,7 +41,7 @@ def main() -> None:
         x = torch.randn(GLOBAL_BATCH, 1, 6, 6, generator=data)
         y = torch.randint(0, 10, (GLOBAL_BATCH,), generator=data)
         lo = rank * shard
-        loss = nn.functional.cross_entropy(ddp(x[lo:lo + shard]), y[lo:lo + shard])
+        loss = nn.functional.cross_entropy(ddp(x[lo : lo + shard]), y[lo : lo + shard])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -22,22 +22,29 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def torchrun_style(script: str, args: list[str], world: int, ranks: list[int] | None = None,
-                   timeout: float = 120, **extra: str) -> list[Ended]:
+def torchrun_style(
+    script: str, args: list[str], world: int, ranks: list[int] | None = None, timeout: float = 120, **extra: str
+) -> list[Ended]:
     """Start `ranks` (default all) of a `world`-rank job with torchrun's variables; one Ended per process."""
     return torchrun_command([sys.executable, str(WORKERS / script), *args], world, ranks, timeout, **extra)
 
 
-def torchrun_command(command: list[str], world: int, ranks: list[int] | None = None, timeout: float = 120,
-                     **extra: str) -> list[Ended]:
+def torchrun_command(
+    command: list[str], world: int, ranks: list[int] | None = None, timeout: float = 120, **extra: str
+) -> list[Ended]:
     """Start `command` as `ranks` (default all) of a `world`-rank job with torchrun's variables."""
     return finish(start_ranks(command, world, env=base_env(**extra), ranks=ranks), timeout)
 
 
 def single(script: str, args: list[str], timeout: float = 120, **extra: str) -> Ended:
     """Run the script as a plain single process, with no launcher variables."""
-    proc = subprocess.Popen([sys.executable, str(WORKERS / script), *args], env=base_env(**extra), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKERS / script), *args],
+        env=base_env(**extra),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     return finish([proc], timeout)[0]
 
 
@@ -45,8 +52,13 @@ def mpiexec(script: str, args: list[str], world: int, timeout: float = 120, **ex
     """Run the script under Intel MPI's mpiexec; one Ended for the whole job (outputs interleave)."""
     env = base_env(**extra)
     env["PATH"] = f"{MPIEXEC.parent}{os.pathsep}{env.get('PATH', '')}"
-    proc = subprocess.Popen([str(MPIEXEC), "-n", str(world), sys.executable, str(WORKERS / script), *args],
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(MPIEXEC), "-n", str(world), sys.executable, str(WORKERS / script), *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     return finish([proc], timeout)[0]
 
 

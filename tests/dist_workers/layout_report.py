@@ -20,10 +20,23 @@ def main() -> None:
     info = ild.init(backend=sys.argv[1])
     t = torch.ones(1)
     dist.all_reduce(t)
-    print("LAYOUT " + json.dumps({
-        "rank": dist.get_rank(), "backend": info.backend, "reason": info.reason, "hosts": info.hosts,
-        "cpu_sharers": info.cpu_sharers, "cpus": sorted(os.sched_getaffinity(0)),
-        "omp": os.environ.get("OMP_NUM_THREADS"), "threads": torch.get_num_threads(), "sum": t.item()}), flush=True)
+    print(
+        "LAYOUT "
+        + json.dumps(
+            {
+                "rank": dist.get_rank(),
+                "backend": info.backend,
+                "reason": info.reason,
+                "hosts": info.hosts,
+                "cpu_sharers": info.cpu_sharers,
+                "cpus": sorted(os.sched_getaffinity(0)),
+                "omp": os.environ.get("OMP_NUM_THREADS"),
+                "threads": torch.get_num_threads(),
+                "sum": t.item(),
+            }
+        ),
+        flush=True,
+    )
     ild.shutdown()
 
 
