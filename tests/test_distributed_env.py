@@ -13,7 +13,7 @@ import torch.distributed as dist
 from ipex_lars.distributed import liveness, rendezvous
 from ipex_lars.distributed.env import (
     Launch,
-    LaunchError,
+    LaunchEnvError,
     agent_store_prefix,
     apply_defaults,
     ccl_defaults,
@@ -42,7 +42,7 @@ def test_torchrun_variables_win_over_mpi_and_slurm():
 
 
 def test_torchrun_without_master_is_an_error_naming_the_variables():
-    with pytest.raises(LaunchError, match="MASTER_ADDR or MASTER_PORT"):
+    with pytest.raises(LaunchEnvError, match="MASTER_ADDR or MASTER_PORT"):
         detect({"RANK": "0", "WORLD_SIZE": "2"})
 
 
@@ -55,7 +55,7 @@ def test_single_node_mpi_derives_loopback_and_a_port_shared_by_local_ranks():
 
 
 def test_multi_node_mpi_requires_master_addr():
-    with pytest.raises(LaunchError, match="-genv MASTER_ADDR"):
+    with pytest.raises(LaunchEnvError, match="-genv MASTER_ADDR"):
         detect({"PMI_RANK": "0", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"})
 
 

@@ -126,11 +126,11 @@ def test_precision_auto_picks_bf16_only_where_it_is_native(name):
 def test_ipex_bf16_on_a_cpu_ipex_cannot_serve_is_refused_with_the_alternatives(name):
     machine = load_machine(MACHINES / name)
     with pytest.raises(ValueError) as err:
-        choose(TrainConfig(backend="ipex", precision="bf16"), machine)
+        choose(TrainConfig(execution="ipex", precision="bf16"), machine)
     message = str(err.value)
-    assert "AVX512BW" in message and "--backend native" in message and "--precision fp32" in message
+    assert "AVX512BW" in message and "--execution native" in message and "--precision fp32" in message
     assert "\n" not in message
-    assert choose(TrainConfig(backend="native", precision="bf16"), machine)[0].precision == "bf16"
+    assert choose(TrainConfig(execution="native", precision="bf16"), machine)[0].precision == "bf16"
 
 
 def test_isa_override_picks_a_lower_isa_and_refuses_one_the_cpu_lacks(monkeypatch):

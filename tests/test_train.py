@@ -102,7 +102,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["--global-batch", "5000"], "larger than the 1437 training samples"),
         (["--global-batch", "100", "--accum-steps", "3"], "does not split into 1 rank(s) x 3"),
         (["--overlap-optimizer", "--optimizer", "sgd"], "use optimizer lars"),
-        (["--overlap-optimizer", "--backend", "ipex", "--precision", "bf16"], "cannot update IPEX's bf16 master"),
+        (["--overlap-optimizer", "--execution", "ipex", "--precision", "bf16"], "cannot update IPEX's bf16 master"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(tmp_path, args, message):
@@ -244,7 +244,7 @@ def test_ipex_backend_trains_and_resumes_exactly(tmp_path, precision):
             f"IPEX's bf16 weight prepack needs {missing[0]}, which this CPU lacks "
             "(the refusal is tested in test_machine.py)"
         )
-    kw = dict(backend="ipex", precision=precision, epochs=3, checkpoint_every=1)
+    kw = dict(execution="ipex", precision=precision, epochs=3, checkpoint_every=1)
     train(_cfg(tmp_path / "a", **kw))
     train(_cfg(tmp_path / "b", max_steps=3, **kw))
     result = train(_cfg(tmp_path / "b", resume="auto", **kw))
@@ -354,3 +354,27 @@ def test_warmup_starts_from_warmup_start_lr_and_lars_eps_reaches_the_optimizer(t
     assert lrs[0] == 0.5 and 0.5 < lrs[1] < 2.0  # the first step runs at the start lr, then it ramps
     saved = checkpoint.load(sorted(tmp_path.glob("*.pt"))[-1])
     assert saved["optimizer"]["param_groups"][0]["eps"] == 1e-5
+
+
+def test_the_old_backend_name_still_works_with_a_warning(tmp_path, capsys):
+    from ipex_lars import cli
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("backend: native\nepochs: 1\nmax_steps: 1\nthreads: 1\nprogress: false\n")
+    assert load_config(str(recipe)).execution == "native"
+    assert "'backend' is now called 'execution'" in capsys.readouterr().err
+    code = cli.main(
+        [
+            "train",
+            "--backend",
+            "native",
+            "--max-steps",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 0 and "--backend is now called --execution" in capsys.readouterr().err

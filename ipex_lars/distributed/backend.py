@@ -65,7 +65,7 @@ def _apply_ccl_defaults() -> None:
     # For users who call init_process_group("oneccl") without init(): oneCCL reads these once.
     try:
         launch = env.detect()
-    except env.LaunchError:
+    except env.LaunchEnvError:
         return
     defaults = env.ccl_defaults(launch, len(os.sched_getaffinity(0)))
     env.apply_defaults({k: v for k, v in defaults.items() if k.startswith("CCL_")})

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 JOB_ID_ENV = "IPEX_LARS_JOB_ID"
 
 
-class LaunchError(RuntimeError):
+class LaunchEnvError(RuntimeError):
     """The launcher's environment is incomplete or inconsistent; the message says what to set."""
 
 
@@ -56,7 +56,7 @@ def _int(env: Mapping[str, str], name: str) -> int:
     try:
         return int(env[name])
     except ValueError:
-        raise LaunchError(f"{name}={env[name]!r} is not an integer; fix the launcher's environment") from None
+        raise LaunchEnvError(f"{name}={env[name]!r} is not an integer; fix the launcher's environment") from None
 
 
 def _int_or_none(env: Mapping[str, str], name: str) -> int | None:
@@ -67,7 +67,7 @@ def first_slurm_host(nodelist: str) -> str:
     """The first host of a SLURM hostlist such as ``gpu[07-09,12],cpu01`` (here ``gpu07``)."""
     match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if not match:
-        raise LaunchError(f"cannot read SLURM_NODELIST={nodelist!r}; set MASTER_ADDR to rank 0's host")
+        raise LaunchEnvError(f"cannot read SLURM_NODELIST={nodelist!r}; set MASTER_ADDR to rank 0's host")
     prefix, ranges = match.groups()
     if ranges is None:
         return prefix
@@ -89,7 +89,7 @@ def detect(env: Mapping[str, str] | None = None) -> Launch:
     addr, port = env.get("MASTER_ADDR"), _int_or_none(env, "MASTER_PORT")
     if "RANK" in env and "WORLD_SIZE" in env:
         if addr is None or port is None:
-            raise LaunchError(
+            raise LaunchEnvError(
                 "RANK and WORLD_SIZE are set but MASTER_ADDR or MASTER_PORT is not; set both "
                 "(torchrun sets them) to rank 0's host and a free port"
             )
@@ -107,14 +107,14 @@ def detect(env: Mapping[str, str] | None = None) -> Launch:
         one_node = local_size == size
         if addr is None:
             if not one_node:
-                raise LaunchError(
+                raise LaunchEnvError(
                     "a multi-node MPI launch needs MASTER_ADDR (rank 0's host); pass "
                     "-genv MASTER_ADDR <host> to mpiexec"
                 )
             addr = "127.0.0.1"
         if port is None:
             if not one_node:
-                raise LaunchError(
+                raise LaunchEnvError(
                     "a multi-node MPI launch needs MASTER_PORT (a free port on rank 0's host); "
                     "pass -genv MASTER_PORT <port> to mpiexec"
                 )
@@ -127,7 +127,7 @@ def detect(env: Mapping[str, str] | None = None) -> Launch:
             addr = first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST") or "")
         if port is None:
             if "SLURM_JOB_ID" not in env:
-                raise LaunchError("SLURM_JOB_ID is missing, so no port can be derived; set MASTER_PORT")
+                raise LaunchEnvError("SLURM_JOB_ID is missing, so no port can be derived; set MASTER_PORT")
             port = 20000 + _int(env, "SLURM_JOB_ID") % 20000
         return Launch(
             "slurm",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +84,10 @@ class TrainConfig:
         ("auto", "fp32", "bf16"),
     )
     channels_last: bool = _opt(False, "use the channels-last memory format")
-    backend: str = _opt(
+    execution: str = _opt(
         "native",
-        "execution backend: eager PyTorch, ipex.optimize (ipex stack), or torch.compile",
+        "how the model runs: eager PyTorch (native), through ipex.optimize (ipex stack), or torch.compile; "
+        "--backend is its old name",
         ("native", "ipex", "compile"),
     )
     impl: str = _opt("auto", "LARS implementation", ("auto", "fused", "foreach", "reference"))
@@ -127,10 +129,10 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be {number}{valid}, got {getattr(self, f.name)!r}")
         if self.overlap_optimizer and self.optimizer != "lars":
             raise ValueError("overlap_optimizer steps LARS bucket by bucket; use optimizer lars, or drop it")
-        if self.overlap_optimizer and self.backend == "ipex" and self.precision == "bf16":
+        if self.overlap_optimizer and self.execution == "ipex" and self.precision == "bf16":
             raise ValueError(
                 "overlap_optimizer cannot update IPEX's bf16 master weights, which change only in "
-                "optimizer.step(); use backend native for bf16, precision fp32, or drop it"
+                "optimizer.step(); use execution native for bf16, precision fp32, or drop it"
             )
 
 
@@ -157,6 +159,9 @@ def load_config(recipe: str, overrides: dict | None = None) -> TrainConfig:
         raise ValueError(f"recipe {path} is not valid YAML: {exc}") from None
     if not isinstance(values, dict):
         raise ValueError(f"recipe {path} must be a mapping of settings")
+    if "backend" in values:  # the setting's old name
+        print(f"[ipex-lars] recipe {path}: 'backend' is now called 'execution'; rename it", file=sys.stderr)
+        values.setdefault("execution", values.pop("backend"))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -46,12 +46,12 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The model in its memory format with its optimizer, both through ipex.optimize for backend ipex."""
+    """The model in its memory format with its optimizer, both through ipex.optimize for execution ipex."""
     model = create_model(cfg.model, num_classes, in_channels=in_channels)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
-    if cfg.backend == "ipex":
+    if cfg.execution == "ipex":
         model, optimizer = _ipex_optimize(model, optimizer, cfg)
     return model, optimizer
 
@@ -59,8 +59,8 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> tup
 def wrap_model(
     model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, world: int
 ) -> tuple[nn.Module, GradientSync | None]:
-    """How the model runs: compiled for backend compile, and under DDP when there are several ranks."""
-    if cfg.backend == "compile":
+    """How the model runs: compiled for execution compile, and under DDP when there are several ranks."""
+    if cfg.execution == "compile":
         model = torch.compile(model)
     if world == 1:
         return model, None
@@ -79,8 +79,8 @@ def _ipex_optimize(model: nn.Module, optimizer, cfg: TrainConfig):
         import intel_extension_for_pytorch as ipex
     except ImportError:
         raise ValueError(
-            "backend ipex needs Intel Extension for PyTorch: use the ipex stack "
-            "(env/setup.sh ipex, .venv-ipex) or --backend native"
+            "execution ipex needs Intel Extension for PyTorch: use the ipex stack "
+            "(env/setup.sh ipex, .venv-ipex) or --execution native"
         ) from None
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     return ipex.optimize(model, optimizer=optimizer, dtype=dtype)

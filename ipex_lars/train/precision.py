@@ -33,13 +33,13 @@ def choose(cfg: TrainConfig, machine: Machine | None = None) -> tuple[TrainConfi
         if precision == "bf16" and not cpu.native_bf16:
             why += f"; note: {cpu.bf16_verdict()}"
     missing = cpu.ipex_bf16_missing()
-    if precision == "bf16" and cfg.backend == "ipex" and missing:
+    if precision == "bf16" and cfg.execution == "ipex" and missing:
         if cfg.precision == "auto":  # cannot happen today (native bf16 implies the prepack ISA), kept safe
             precision, why = "fp32", f"precision auto -> fp32: IPEX bf16 needs {missing[0]}"
         else:
             raise ValueError(
-                f"--backend ipex --precision bf16 needs {missing[0]}, which this CPU ({cpu.model}) "
-                "lacks; use --backend native (bf16 autocast), --precision fp32, or --precision auto"
+                f"--execution ipex --precision bf16 needs {missing[0]}, which this CPU ({cpu.model}) "
+                "lacks; use --execution native (bf16 autocast), --precision fp32, or --precision auto"
             )
     return dataclasses.replace(cfg, precision=precision), why
 
