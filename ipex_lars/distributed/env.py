@@ -173,13 +173,14 @@ def agent_store_prefix(env: Mapping[str, str] | None = None) -> str | None:
 def ccl_defaults(launch: Launch, cpus: int, sharers: int | None = None, one_host: bool | None = None) -> dict[str, str]:
     """The oneCCL and threading settings measured fastest for this layout.
 
-    Within one node: the shared-memory transport (``CCL_ATL_SHM=1``, 7x faster than the
-    default at 100 MB here) and no worker thread (``CCL_WORKER_OFFLOAD=0``: the default
-    worker spin-waits, an 8 ms floor per collective on a busy node). Always: the KVS
-    wired by the c10d store instead of a PMI launcher (``CCL_PROCESS_LAUNCHER=none``),
+    Within one node: the shared-memory transport (``CCL_ATL_SHM=1``, much faster than the
+    default at large sizes) and no worker thread (``CCL_WORKER_OFFLOAD=0``: the default
+    worker spin-waits, which puts a floor under every collective on a busy node). Always: the
+    KVS wired by the c10d store instead of a PMI launcher (``CCL_PROCESS_LAUNCHER=none``),
     and OpenMP threads capped to this rank's share of its ``cpus`` allowed CPUs, since
-    oversubscribed ranks run 100x slower: split among the ``sharers`` ranks allowed on
-    them (default: the launcher's local rank count). ``one_host`` (default: as the
+    oversubscribed ranks run many times slower: split among the ``sharers`` ranks allowed on
+    them (default: the launcher's local rank count). The measurements are in
+    docs/BENCHMARKS.md. ``one_host`` (default: as the
     launcher says) tells whether every rank runs on this node.
     """
     share = sharers if sharers is not None else launch.local_world_size or 1
