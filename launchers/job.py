@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,24 @@ from affinity.plan import NodePlan, RankPlan
 
 class LaunchError(RuntimeError):
     """Bad input or an unusable environment; the message names the problem and the fix."""
+
+
+def job_ranks(
+    hosts: list[str],
+    node_plan: NodePlan,
+    program: list[str],
+    env_of: Callable[[int, RankPlan], dict[str, str]],
+    prefix_of: Callable[[RankPlan], list[str]] = lambda r: [],
+) -> list[RankLaunch]:
+    """Every rank of a job over ``hosts`` in host order, ``node_plan``'s ranks on each: rank =
+    node index x ranks per node + local rank. ``env_of(node, rank_plan)`` gives a rank's
+    variables and ``prefix_of(rank_plan)`` what its program runs under (e.g. numactl)."""
+    per_node = len(node_plan.ranks)
+    return [
+        RankLaunch(n * per_node + r.local_rank, r.local_rank, host, r, env_of(n, r), prefix_of(r) + program)
+        for n, host in enumerate(hosts)
+        for r in node_plan.ranks
+    ]
 
 
 def make_log_dir(log_dir: str | None) -> Path | None:

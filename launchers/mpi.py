@@ -29,7 +29,7 @@ from pathlib import Path
 from affinity.plan import NodePlan
 from affinity.rank_env import EnvChoice, merge_preload, rank_env
 from launchers import guard
-from launchers.job import Job, LaunchError, RankLaunch, make_log_dir
+from launchers.job import Job, LaunchError, job_ranks, make_log_dir
 from launchers.local import memory_options
 from launchers.rank_spec import SPEC_VAR, RankSpec
 from launchers.supervise import Child, JobRun, catching, child_setup, to_ranks, to_srun
@@ -75,13 +75,17 @@ def build(
     placing their memory; ``grace``: seconds between stop and SIGKILL (guard);
     ``extra_mpi_params``: more mpiexec options, placed before the program."""
     per_node = len(node_plan.ranks)
-    ranks: list[RankLaunch] = []
-    for n, host in enumerate(hosts):
-        for r in node_plan.ranks:
-            env = merge_preload(rank_env(r, node_plan, choice, ccl=True), os.environ.get("LD_PRELOAD"))
-            env.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-            prefix = ["numactl", *memory_options(r)] if bind_memory else []
-            ranks.append(RankLaunch(n * per_node + r.local_rank, r.local_rank, host, r, env, prefix + program))
+    ranks = job_ranks(
+        hosts,
+        node_plan,
+        program,
+        lambda n, r: {
+            **merge_preload(rank_env(r, node_plan, choice, ccl=True), os.environ.get("LD_PRELOAD")),
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+        },
+        lambda r: ["numactl", *memory_options(r)] if bind_memory else [],
+    )
     common = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "I_MPI_PIN": "0", SPEC_VAR: spec.to_json()}
     command = [mpiexec, "-np", str(len(hosts) * per_node), "-ppn", str(per_node), "-hostfile", hostfile]
     if log_dir:

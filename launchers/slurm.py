@@ -16,7 +16,7 @@ from affinity.cpuset import hex_mask
 from affinity.plan import NodePlan
 from affinity.rank_env import EnvChoice, merge_preload, rank_env
 from launchers import guard
-from launchers.job import Job, RankLaunch
+from launchers.job import Job, job_ranks
 from launchers.local import memory_options
 from launchers.mpi import split_env
 from launchers.rank_exec import ENV_VAR, PREFIX_VAR
@@ -44,14 +44,13 @@ def build(
     per_node = len(node_plan.ranks)
     prefixes = [["numactl", *memory_options(r)] if bind_memory else [] for r in node_plan.ranks]
     given = {k: str(v) for k, v in (("MASTER_ADDR", master_addr), ("MASTER_PORT", master_port)) if v is not None}
-    ranks: list[RankLaunch] = []
-    for n, host in enumerate(hosts):
-        for r in node_plan.ranks:
-            env = merge_preload(rank_env(r, node_plan, choice, ccl=True), os.environ.get("LD_PRELOAD"))
-            env.update(given)
-            ranks.append(
-                RankLaunch(n * per_node + r.local_rank, r.local_rank, host, r, env, prefixes[r.local_rank] + program)
-            )
+    ranks = job_ranks(
+        hosts,
+        node_plan,
+        program,
+        lambda n, r: {**merge_preload(rank_env(r, node_plan, choice, ccl=True), os.environ.get("LD_PRELOAD")), **given},
+        lambda r: prefixes[r.local_rank],
+    )
     common, own = split_env([r.env for r in ranks])
     masks = ",".join(hex_mask(r.cpus) for r in node_plan.ranks)
     command = [

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from affinity.plan import NodePlan
+from affinity.plan import NodePlan, RankPlan
 from affinity.rank_env import EnvChoice, rank_env
-from launchers.job import Job, RankLaunch
+from launchers.job import Job, job_ranks
 from launchers.local import bind_prefix
 
 
@@ -28,23 +28,22 @@ def build(
     """Ranks of every node (the dry run shows them all); :func:`this_node` selects what to spawn."""
     per_node = len(node_plan.ranks)
     world = per_node * len(hosts)
-    ranks: list[RankLaunch] = []
-    for n, host in enumerate(hosts):
-        for r in node_plan.ranks:
-            rank = n * per_node + r.local_rank
-            env = rank_env(r, node_plan, choice, ccl=True)
-            env.update(
-                RANK=str(rank),
-                WORLD_SIZE=str(world),
-                LOCAL_RANK=str(r.local_rank),
-                LOCAL_WORLD_SIZE=str(per_node),
-                GROUP_RANK=str(n),
-                MASTER_ADDR=master_addr,
-                MASTER_PORT=str(master_port),
-                CCL_LOCAL_RANK=str(r.local_rank),
-                CCL_LOCAL_SIZE=str(per_node),
-            )
-            ranks.append(RankLaunch(rank, r.local_rank, host, r, env, bind_prefix(binder, r) + program))
+
+    def env_of(n: int, r: RankPlan) -> dict[str, str]:
+        return {
+            **rank_env(r, node_plan, choice, ccl=True),
+            "RANK": str(n * per_node + r.local_rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(r.local_rank),
+            "LOCAL_WORLD_SIZE": str(per_node),
+            "GROUP_RANK": str(n),
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+            "CCL_LOCAL_RANK": str(r.local_rank),
+            "CCL_LOCAL_SIZE": str(per_node),
+        }
+
+    ranks = job_ranks(hosts, node_plan, program, env_of, lambda r: bind_prefix(binder, r))
     return Job(
         "torchrun-env", binder, hosts, node_plan, ranks, notes=list(node_plan.notes), binds_memory=binder == "numactl"
     )
