@@ -321,6 +321,8 @@ BAD_SETTINGS = [  # flag, value, the range the error must state
     ("weight-decay", "-1e-4", ">= 0"),
     ("trust-coefficient", "0", "> 0"),
     ("warmup-epochs", "-1", ">= 0"),
+    ("warmup-start-lr", "-0.5", ">= 0"),
+    ("lars-eps", "-1e-5", ">= 0"),
     ("poly-power", "0", "> 0"),
     ("end-lr", "inf", ">= 0"),
     ("label-smoothing", "2", "in [0, 1)"),
