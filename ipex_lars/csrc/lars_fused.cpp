@@ -21,7 +21,6 @@
 // (a, s) = (rate, 1) for the paper and (1, rate) for sgd.
 
 #include <torch/extension.h>
-#include <torch/csrc/autograd/python_variable.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -59,22 +58,6 @@ struct Block {
   int32_t slot;
   int64_t begin, end;
 };
-
-// Borrowed tensors: Python objects the caller keeps alive own them for the whole call. Borrowing
-// instead of copying at::Tensor handles saves two atomic reference-count updates per tensor, on
-// metadata that is often not in cache when there are thousands of small tensors.
-using Tensors = std::vector<const at::Tensor*>;
-
-Tensors unpack(const pybind11::tuple& items, const char* what) {
-  Tensors out;
-  out.reserve(items.size());
-  for (const pybind11::handle item : items) {
-    TORCH_CHECK_TYPE(THPVariable_Check(item.ptr()), "LARS fused: ", what, " must be a list of tensors, got a ",
-                     Py_TYPE(item.ptr())->tp_name);
-    out.push_back(&THPVariable_Unpack(item.ptr()));
-  }
-  return out;
-}
 
 // Loads 2*Vec::size() gradient values starting at i as two float vectors.
 inline void load_grad(const Slot& t, int64_t i, Vec& g0, Vec& g1) {
@@ -238,13 +221,14 @@ std::string shape_of(const at::Tensor& t) {
 }
 
 // Checks every input before anything is written: an invalid one raises and leaves all untouched.
-void validate(const Tensors& weights, const Tensors& grads, const Tensors& bufs, const Tensors& lows) {
+void validate(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& grads,
+              const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& lows) {
   const size_t n = weights.size();
   TORCH_CHECK_VALUE(grads.size() == n && bufs.size() == n && (lows.empty() || lows.size() == n),
                     "LARS fused: weights, grads, momentum_buffers and low_params (or []) must have the same length");
   const at::Tensor none;
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor &w = *weights[i], &g = *grads[i], &v = *bufs[i], &low = lows.empty() ? none : *lows[i];
+    const at::Tensor &w = weights[i], &g = grads[i], &v = bufs[i], &low = lows.empty() ? none : lows[i];
     TORCH_CHECK_VALUE(w.defined() && g.defined() && v.defined(), "LARS fused: tensor ", i, " is undefined");
     TORCH_CHECK(!w.is_sparse() && !g.is_sparse() && !v.is_sparse(), "LARS does not support sparse gradients");
     TORCH_CHECK_VALUE(w.device().is_cpu() && g.device().is_cpu() && v.device().is_cpu(),
@@ -314,9 +298,10 @@ bool prepare(int64_t i, const at::Tensor& w, const at::Tensor& g, const at::Tens
 // One LARS step over every tensor given, with one set of hyperparameters (one param group).
 // weights[i]: fp32 parameter or fp32 master of a bf16 parameter low_params[i] (an empty tensor
 // when there is none; low_params empty when no tensor has one), refreshed from the master after the step.
-void lars_step(const Tensors& weights, const Tensors& grads, const Tensors& bufs, const Tensors& lows, double lr,
-               double momentum, double weight_decay, double trust_coefficient, double eps, bool nesterov,
-               bool paper_style, bool clip, bool adapt) {
+void lars_step(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& grads,
+               const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& lows, double lr, double momentum,
+               double weight_decay, double trust_coefficient, double eps, bool nesterov, bool paper_style, bool clip,
+               bool adapt) {
   validate(weights, grads, bufs, lows);
   const Hyper h{lr, momentum, weight_decay, trust_coefficient, eps, nesterov, paper_style, clip, adapt};
   const int64_t n = static_cast<int64_t>(weights.size());
@@ -328,7 +313,7 @@ void lars_step(const Tensors& weights, const Tensors& grads, const Tensors& bufs
   // so a tensor's metadata and data are touched by one core, close together in time.
   at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      if (!prepare(i, *weights[i], *grads[i], *bufs[i], lows.empty() ? none : *lows[i], slots[i], temps)) continue;
+      if (!prepare(i, weights[i], grads[i], bufs[i], lows.empty() ? none : lows[i], slots[i], temps)) continue;
       if (slots[i].n <= kBlock) {
         step_small(slots[i], h);
       } else {
@@ -341,9 +326,9 @@ void lars_step(const Tensors& weights, const Tensors& grads, const Tensors& bufs
     if (large_flag[i]) large.push_back(static_cast<int32_t>(i));
   step_large(slots, large, h);
   for (int64_t i = 0; i < n; ++i) {
-    if (temps.w[i].defined()) weights[i]->copy_(temps.w[i]);
-    if (temps.v[i].defined()) bufs[i]->copy_(temps.v[i]);
-    if (temps.low[i].defined()) lows[i]->copy_(temps.low[i]);
+    if (temps.w[i].defined()) weights[i].copy_(temps.w[i]);
+    if (temps.v[i].defined()) bufs[i].copy_(temps.v[i]);
+    if (temps.low[i].defined()) lows[i].copy_(temps.low[i]);
   }
 }
 
@@ -352,22 +337,9 @@ void lars_step(const Tensors& weights, const Tensors& grads, const Tensors& bufs
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused multi-tensor LARS step for CPU tensors";
   m.attr("vector_width") = static_cast<int64_t>(Vec::size());
-  m.def(
-      "lars_step",
-      [](const pybind11::list& weights, const pybind11::list& grads, const pybind11::list& bufs,
-         const pybind11::list& lows, double lr, double momentum, double weight_decay, double trust_coefficient,
-         double eps, bool nesterov, bool paper_style, bool clip, bool adapt) {
-        // Tuples hold a reference to every tensor while the GIL is released, whatever other
-        // threads do to the lists meanwhile; they are dropped after the GIL is taken back.
-        const pybind11::tuple keep_w(weights), keep_g(grads), keep_v(bufs), keep_low(lows);
-        const Tensors w = unpack(keep_w, "weights"), g = unpack(keep_g, "grads"),
-                      v = unpack(keep_v, "momentum_buffers"), low = unpack(keep_low, "low_params");
-        pybind11::gil_scoped_release no_gil;
-        lars_step(w, g, v, low, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, paper_style, clip,
-                  adapt);
-      },
-      pybind11::arg("weights"), pybind11::arg("grads"), pybind11::arg("momentum_buffers"),
-      pybind11::arg("low_params"), pybind11::arg("lr"), pybind11::arg("momentum"), pybind11::arg("weight_decay"),
-      pybind11::arg("trust_coefficient"), pybind11::arg("eps"), pybind11::arg("nesterov"),
-      pybind11::arg("paper_style"), pybind11::arg("clip"), pybind11::arg("adapt"));
+  m.def("lars_step", &lars_step, pybind11::arg("weights"), pybind11::arg("grads"), pybind11::arg("momentum_buffers"),
+        pybind11::arg("low_params"), pybind11::arg("lr"), pybind11::arg("momentum"), pybind11::arg("weight_decay"),
+        pybind11::arg("trust_coefficient"), pybind11::arg("eps"), pybind11::arg("nesterov"),
+        pybind11::arg("paper_style"), pybind11::arg("clip"), pybind11::arg("adapt"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
