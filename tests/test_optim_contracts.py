@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from collections import defaultdict
 
 import pytest
 import torch
@@ -277,6 +278,32 @@ def test_a_plain_dict_stored_as_state_is_the_one_used_and_watched(impl):
     before = _flat(model)
     opt.step()  # zero gradient, zero momentum, no decay: a step that moves nothing
     assert torch.equal(_flat(model), before), "the step used momentum the user had replaced"
+
+
+def test_a_state_mapping_swapped_out_and_back_is_the_one_used(impl):
+    model = _model()
+    opt = _opt(model, impl, weight_decay=0.0)
+    _train(model, opt, _batches(2))
+    saved = opt.state
+    opt.state = defaultdict(dict)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # the stand-in mapping gets momentum of its own
+    opt.state = saved
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+        saved[p]["momentum_buffer"].zero_()  # in place: the original mapping's momentum is now zero
+    before = _flat(model)
+    opt.step()  # zero gradient, zero momentum: only a stale list from the stand-in would move weights
+    assert torch.equal(_flat(model), before)
+
+
+def test_the_state_mapping_copies_like_a_dict(impl):
+    model = _model()
+    opt = _opt(model, impl)
+    _train(model, opt, _batches(1))
+    for copied in (opt.state.copy(), copy.copy(opt.state)):
+        assert dict(copied) == dict(opt.state) and copied is not opt.state
 
 
 def test_a_saved_state_dict_loads_without_unpickling_code(impl, tmp_path):

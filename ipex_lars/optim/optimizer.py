@@ -83,6 +83,11 @@ class _State(defaultdict):
     def __reduce__(self) -> tuple:  # deepcopy and pickle: the same class, the same entries
         return (_State, (dict(self),))
 
+    def copy(self) -> _State:  # also copy.copy: defaultdict's own passes a factory first
+        return _State(self)
+
+    __copy__ = copy
+
 
 for _name in _MUTATORS:
     setattr(_Entry, _name, _counting(dict, _name))
@@ -93,21 +98,23 @@ class _Gathered:
     """One param group's tensors as the last full gather found them, and what must not have changed."""
 
     def __init__(
-        self, group: dict, changes: int, ps: list, bufs: list, masters: list, states: list, idle: list
+        self, group: dict, state: Any, changes: int, ps: list, bufs: list, masters: list, states: list, idle: list
     ) -> None:
         self.group, self.params, self.snapshot, self.changes = group, group["params"], tuple(group["params"]), changes
+        self.state = state
         self.ps, self.bufs, self.masters, self.idle = ps, bufs, masters, idle
         self.any_master = any(m is not None for m in masters)
         # entries that are not counting dicts (a user stored a plain dict) are compared each step
         self.plain = [(s, b, m) for s, b, m in zip(states, bufs, masters) if type(s) is not _Entry]
 
     def still_valid(self, group: dict, state: Any) -> bool:
-        """Same group, same parameter list (element by element), no state mapping or entry changed
-        since (counted), the same momentum and master tensors in any plain-dict entry, and no
-        parameter that had no gradient then has one now."""
+        """The same state mapping and group, the same parameter list (element by element), no
+        state mapping or entry changed since (counted), the same momentum and master tensors in any
+        plain-dict entry, and no parameter that had no gradient then has one now."""
         params = group["params"]
         return (
-            type(state) is _State
+            state is self.state
+            and type(state) is _State
             and _Changes.count == self.changes
             and self.group is group
             and self.params is params
@@ -360,9 +367,10 @@ class LARS(torch.optim.Optimizer):
             bufs.append(buf)
             masters.append(master)
             states.append(state)
+        changes = _Changes.count  # after the gather's own changes, before the step (which frees the GIL)
         if ps:
             self._step_lists(group, ps, grads, bufs, masters if any_master else None)
-        return _Gathered(group, _Changes.count, ps, bufs, masters, states, idle)
+        return _Gathered(group, state_of, changes, ps, bufs, masters, states, idle)
 
     def _step_lists(self, group: dict, ps: list, grads: list, bufs: list, masters: list | None) -> None:
         self._sync_masters(ps)
