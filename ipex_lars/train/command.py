@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     from ipex_lars.distributed import RendezvousError, liveness
     from ipex_lars.train.checkpoint import SaveError
     from ipex_lars.train.config import load_config
-    from ipex_lars.train.engine import Interrupted, train
+    from ipex_lars.train.engine import train
     from ipex_lars.train.resume import ResumeRefused
+    from ipex_lars.train.stop import Interrupted
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if args.old_backend:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,31 +33,7 @@ from ipex_lars.train.grad_sync import GradientSync, grads_finite
 from ipex_lars.train.metrics import PHASES, MetricsLog
 from ipex_lars.train.parts import build_model, init_distributed, wrap_model
 from ipex_lars.train.precision import autocast, to_input
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM arrived; a checkpoint of the last completed step was saved."""
-
-
-class _StopRequest:
-    """The first Ctrl-C or SIGTERM asks to stop after the current step; a second Ctrl-C aborts."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __enter__(self) -> _StopRequest:
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print("\n[ipex-lars] stopping after this step to save a checkpoint (Ctrl-C again to abort)", flush=True)
+from ipex_lars.train.stop import Interrupted, StopRequest
 
 
 @dataclass
@@ -144,7 +119,7 @@ def train(cfg: TrainConfig) -> dict:
     progress = _progress(run.rank, run.total_steps, run.step) if run.cfg.progress else None
     record: dict = {}
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while run.step < run.total_steps:
                 for record, end_of_epoch, stopping in train_one_epoch(run, tally, stop):
                     _report(record, metrics, progress)
@@ -253,7 +228,7 @@ def setup(cfg: TrainConfig) -> Run:
     )
 
 
-def train_one_epoch(run: Run, tally: Tally, stop: _StopRequest) -> Iterator[tuple[dict, bool, bool]]:
+def train_one_epoch(run: Run, tally: Tally, stop: StopRequest) -> Iterator[tuple[dict, bool, bool]]:
     """The steps from ``run.step`` to the end of its epoch (or of training), each yielding (its
     metrics record, whether it ended the epoch, whether a rank was asked to stop). The epoch's
     last record carries the held-out metrics. On a stop the caller saves and ends the run."""
