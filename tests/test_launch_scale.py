@@ -142,45 +142,14 @@ def test_inside_an_allocation_slurm_needs_no_hostfile_and_leaves_master_to_the_r
 
 
 def test_print_sbatch_allocates_the_plan_and_reruns_the_same_command():
-    res = lars_run(
-        "--launcher",
-        "slurm",
-        "--print-sbatch",
-        "--topology",
-        str(TOPO),
-        "--nnodes",
-        "4",
-        "--nprocs-per-node",
-        "2",
-        "-m",
-        "ipex_lars",
-        "train",
-        "--recipe",
-        "digits",
-    )
+    plan = ["--topology", str(TOPO), "--nnodes", "4", "--nprocs-per-node", "2"]
+    rest = [*plan, "-m", "ipex_lars", "train", "--recipe", "digits"]
+    res = lars_run("--launcher", "slurm", "--print-sbatch", *rest)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == "#!/bin/bash"
     assert {"#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=4"} <= set(lines)
-    assert shlex.split(lines[-1]) == [
-        "exec",
-        sys.executable,
-        "-m",
-        "launchers",
-        "--launcher",
-        "slurm",
-        "--topology",
-        str(TOPO),
-        "--nnodes",
-        "4",
-        "--nprocs-per-node",
-        "2",
-        "-m",
-        "ipex_lars",
-        "train",
-        "--recipe",
-        "digits",
-    ]
+    assert shlex.split(lines[-1]) == ["exec", sys.executable, "-m", "launchers", "--launcher", "slurm", *rest]
 
 
 PROBE = (
