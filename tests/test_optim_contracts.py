@@ -15,6 +15,7 @@ from collections import defaultdict
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ipex_lars.optim import LARS, lars, lars_param_groups
 
@@ -165,6 +166,25 @@ def test_a_step_without_gradients_changes_nothing_and_creates_no_state(impl):
     before = _flat(model)
     opt.step()
     assert torch.equal(_flat(model), before) and not opt.state
+
+
+def test_a_parameter_whose_gradient_is_dropped_is_skipped_then_stepped_again(impl):
+    ps = [nn.Parameter(torch.randn(40)) for _ in range(4)]
+    opt = LARS(ps, lr=1.0, impl=impl)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(40)
+        opt.step()
+    ps[1].grad = None  # e.g. a branch of the model not used this step
+    before = [(p.detach().clone(), opt.state[p]["momentum_buffer"].clone()) for p in ps]
+    opt.step()
+    moved = [not torch.equal(p, w) for p, (w, _) in zip(ps, before)]
+    assert moved == [True, False, True, True]
+    assert torch.equal(opt.state[ps[1]]["momentum_buffer"], before[1][1])
+    ps[1].grad = torch.randn(40)
+    kept = ps[1].detach().clone()
+    opt.step()
+    assert not torch.equal(ps[1], kept)
 
 
 def test_a_step_with_zero_gradients_and_no_decay_changes_nothing(impl):
@@ -472,3 +492,70 @@ def test_the_functional_step_is_what_the_optimizer_does(impl):
             impl=impl,
         )
     assert _same_models(model_a, model_b)
+
+
+@pytest.mark.parametrize("grads", ["own", "list with a None"])
+def test_the_functional_step_takes_each_parameters_own_gradient_and_skips_missing_ones(impl, grads):
+    torch.manual_seed(0)
+    ps = [torch.randn(30, 7) for _ in range(3)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    ps[1].grad = None
+    twins = [p.clone() for p in ps]
+    hyper = dict(
+        lr=1.0,
+        momentum=0.9,
+        weight_decay=1e-3,
+        trust_coefficient=0.001,
+        eps=0.0,
+        nesterov=False,
+        momentum_style="paper",
+        clip=False,
+        adapt=True,
+        impl=impl,
+    )
+    bufs = [torch.zeros_like(p) for p in ps]
+    given = None if grads == "own" else [p.grad for p in ps]
+    lars(tuple(ps), given, bufs, **hyper)  # any sequence, as torch's functional optimizers take
+    twin_bufs = [torch.zeros_like(p) for p in ps]
+    lars([twins[0], twins[2]], [ps[0].grad, ps[2].grad], [twin_bufs[0], twin_bufs[2]], **hyper)
+    assert torch.equal(ps[0], twins[0]) and torch.equal(ps[2], twins[2])
+    assert torch.equal(ps[1], twins[1]) and not bufs[1].any()
+
+
+class _Wrapped(torch.Tensor):
+    """A tensor subclass that runs its operations in Python (as DTensor and FakeTensor do)."""
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor):
+        wrapped = torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype, strides=elem.stride())
+        wrapped.elem = elem
+        return wrapped
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(t):
+            return t.elem if isinstance(t, cls) else t
+
+        def wrap(t):
+            return cls(t) if isinstance(t, torch.Tensor) and not isinstance(t, cls) else t
+
+        return tree_map(wrap, func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {})))
+
+
+def test_tensor_subclasses_step_with_foreach_and_the_fused_kernel_names_it():
+    torch.manual_seed(0)
+    w, g = torch.randn(10), torch.randn(10)
+    plain = nn.Parameter(w.clone())
+    plain.grad = g.clone()
+    LARS([plain], lr=1.0, impl="foreach").step()
+    for impl in ("foreach", "reference"):
+        p = _Wrapped(w.clone())
+        p.grad = _Wrapped(g.clone())
+        LARS([p], lr=1.0, impl=impl).step()
+        assert torch.allclose(p.elem, plain.detach(), rtol=1e-6, atol=1e-7)
+    p = _Wrapped(w.clone())
+    p.grad = _Wrapped(g.clone())
+    with pytest.raises(TypeError, match="impl='foreach'"):
+        LARS([p], lr=1.0, impl="fused").step()
+    assert torch.equal(p.elem, w)

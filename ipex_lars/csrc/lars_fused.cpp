@@ -12,7 +12,10 @@
 // before anything is written, so a bad one raises and leaves all tensors as
 // they were. Weights that are not dense (a transposed or sliced view) are
 // stepped through a dense copy, and only those. The kernel keeps nothing
-// between calls: it sees exactly the tensors it is given.
+// between calls: it sees exactly the tensors it is given. It reads them from
+// the Python lists without reference counting, holding the GIL so that no
+// Python code can replace one meanwhile, and lets the GIL go only for the
+// large tensors, whose references it then holds.
 //
 // The update, with d = g + wd*w and rate = lr*tau (or min(tau, lr) with clip):
 //   paper style: v = m*v + rate*d;  w -= nesterov ? m*v + rate*d : v
@@ -30,6 +33,8 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+namespace py = pybind11;
 
 namespace {
 
@@ -220,21 +225,71 @@ std::string shape_of(const at::Tensor& t) {
   return out.str();
 }
 
-// Checks every input before anything is written: an invalid one raises and leaves all untouched.
-void validate(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& grads,
-              const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& lows) {
-  const size_t n = weights.size();
-  TORCH_CHECK_VALUE(grads.size() == n && bufs.size() == n && (lows.empty() || lows.size() == n),
-                    "LARS fused: weights, grads, momentum_buffers and low_params (or []) must have the same length");
-  const at::Tensor none;
+// One tensor's inputs, borrowed from the Python objects that hold them.
+struct Item {
+  const at::Tensor* w = nullptr;    // fp32 weights: the parameter, or its fp32 master
+  const at::Tensor* g = nullptr;    // gradient; undefined: the tensor is skipped
+  const at::Tensor* v = nullptr;    // fp32 momentum
+  const at::Tensor* low = nullptr;  // the bf16 parameter of a master, or nullptr
+};
+
+const at::Tensor& unpack(PyObject* obj, const char* what, size_t i) {
+  TORCH_CHECK_TYPE(THPVariable_Check(obj), "LARS fused: ", what, "[", i, "] is not a tensor");
+  return THPVariable_Unpack(obj);
+}
+
+const at::Tensor kUndefined;
+
+// Borrows every tensor (no reference counting: on thousands of small tensors the atomic counts
+// cost more than the step). Safe because this runs with the GIL held, so no Python code can
+// replace a tensor meanwhile. grads None: each parameter's own .grad. A missing gradient: skipped.
+std::vector<Item> borrow(const py::list& params, const py::object& grads, const py::list& bufs,
+                         const py::object& masters) {
+  const size_t n = params.size();
+  const bool own_grads = grads.is_none(), any_master = !masters.is_none();
+  TORCH_CHECK_VALUE(bufs.size() == n && (own_grads || py::len(grads) == n) && (!any_master || py::len(masters) == n),
+                    "LARS: params, grads, momentum_buffers and master_params must have the same length");
+  TORCH_CHECK_TYPE((own_grads || PyList_Check(grads.ptr())) && (!any_master || PyList_Check(masters.ptr())),
+                   "LARS fused: grads and master_params must be lists");
+  std::vector<Item> items(n);
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor &w = weights[i], &g = grads[i], &v = bufs[i], &low = lows.empty() ? none : lows[i];
-    TORCH_CHECK_VALUE(w.defined() && g.defined() && v.defined(), "LARS fused: tensor ", i, " is undefined");
+    Item& it = items[i];
+    const at::Tensor& p = unpack(PyList_GET_ITEM(params.ptr(), i), "params", i);
+    PyObject* master = any_master ? PyList_GET_ITEM(masters.ptr(), i) : Py_None;
+    if (master == Py_None) {
+      it.w = &p;
+    } else {
+      it.w = &unpack(master, "master_params", i);
+      it.low = &p;
+    }
+    PyObject* grad = own_grads ? nullptr : PyList_GET_ITEM(grads.ptr(), i);
+    it.g = own_grads ? &p.unsafeGetTensorImpl()->grad() : grad == Py_None ? &kUndefined : &unpack(grad, "grads", i);
+    it.v = &unpack(PyList_GET_ITEM(bufs.ptr(), i), "momentum_buffers", i);
+  }
+  return items;
+}
+
+// A dense tensor whose operations run in C++: a tensor subclass that dispatches to Python would
+// need the GIL, which this kernel holds while its threads run.
+bool plain(const at::Tensor& t) {
+  return t.layout() == at::kStrided && !t.unsafeGetTensorImpl()->is_python_dispatch() && t.has_storage();
+}
+
+// Checks every input before anything is written: an invalid one raises and leaves all untouched.
+void validate(const std::vector<Item>& items) {
+  for (size_t i = 0; i < items.size(); ++i) {
+    const Item& it = items[i];
+    const at::Tensor &w = *it.w, &g = *it.g, &v = *it.v;
+    if (!g.defined()) continue;  // no gradient: skipped
+    TORCH_CHECK_VALUE(w.defined() && v.defined(), "LARS fused: tensor ", i, " is undefined");
     TORCH_CHECK(!w.is_sparse() && !g.is_sparse() && !v.is_sparse(), "LARS does not support sparse gradients");
+    TORCH_CHECK_TYPE(plain(w) && plain(g) && plain(v) && (!it.low || plain(*it.low)),
+                     "LARS fused takes plain tensors with storage, not tensor subclasses (tensor ", i,
+                     "); use impl='foreach' for those");
     TORCH_CHECK_VALUE(w.device().is_cpu() && g.device().is_cpu() && v.device().is_cpu(),
                       "LARS fused runs on CPU tensors; use impl='foreach' for other devices");
     TORCH_CHECK_VALUE(w.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-                      "LARS fused: weights and momentum must be float32 (bf16 parameters keep an fp32 master), "
+                      "LARS: weights and momentum must be float32 (bf16 parameters keep an fp32 master), "
                       "got ", w.scalar_type(), " and ", v.scalar_type(), " for tensor ", i);
     TORCH_CHECK_VALUE(g.scalar_type() == at::kFloat || g.scalar_type() == at::kBFloat16,
                       "LARS fused: gradients must be float32 or bfloat16, got ", g.scalar_type(), " for tensor ", i);
@@ -243,9 +298,10 @@ void validate(const std::vector<at::Tensor>& weights, const std::vector<at::Tens
     TORCH_CHECK_VALUE(v.sizes() == w.sizes(), "LARS state does not fit its parameter: momentum of shape ",
                       shape_of(v), " for a parameter of shape ", shape_of(w),
                       "; load the optimizer state saved with this model");
-    if (low.defined() && low.numel() > 0) {
+    if (it.low) {
+      const at::Tensor& low = *it.low;
       TORCH_CHECK_VALUE(low.scalar_type() == at::kBFloat16 && low.device().is_cpu() && low.sizes() == w.sizes(),
-                        "LARS fused: a parameter with an fp32 master copy must be a bfloat16 CPU tensor of its shape");
+                        "LARS: a parameter with an fp32 master copy must be a bfloat16 CPU tensor of its shape");
     }
   }
 }
@@ -258,9 +314,9 @@ struct Temps {
 };
 
 // Fills slot i, making dense temporaries where layouts differ. False: nothing to do.
-bool prepare(int64_t i, const at::Tensor& w, const at::Tensor& g, const at::Tensor& v, const at::Tensor& low,
-             Slot& s, Temps& temps) {
-  if (w.numel() == 0) return false;
+bool prepare(int64_t i, const Item& it, Slot& s, Temps& temps) {
+  const at::Tensor &w = *it.w, &g = *it.g, &v = *it.v;
+  if (!g.defined() || w.numel() == 0) return false;
   const at::Tensor* base = &w;
   if (!w.is_non_overlapping_and_dense()) {  // e.g. a transposed or sliced view: step a dense copy
     temps.w[i] = w.contiguous();
@@ -279,11 +335,11 @@ bool prepare(int64_t i, const at::Tensor& w, const at::Tensor& g, const at::Tens
     vv = &temps.v[i];
   }
   s.low = nullptr;
-  if (low.defined() && low.numel() > 0) {
-    if (same_layout(low, *base)) {
-      s.low = low.data_ptr<at::BFloat16>();
+  if (it.low) {
+    if (same_layout(*it.low, *base)) {
+      s.low = it.low->data_ptr<at::BFloat16>();
     } else {
-      temps.low[i] = at::empty_like(*base, low.scalar_type());
+      temps.low[i] = at::empty_like(*base, it.low->scalar_type());
       s.low = temps.low[i].data_ptr<at::BFloat16>();
     }
   }
@@ -296,24 +352,24 @@ bool prepare(int64_t i, const at::Tensor& w, const at::Tensor& g, const at::Tens
 }
 
 // One LARS step over every tensor given, with one set of hyperparameters (one param group).
-// weights[i]: fp32 parameter or fp32 master of a bf16 parameter low_params[i] (an empty tensor
-// when there is none; low_params empty when no tensor has one), refreshed from the master after the step.
-void lars_step(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& grads,
-               const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& lows, double lr, double momentum,
-               double weight_decay, double trust_coefficient, double eps, bool nesterov, bool paper_style, bool clip,
-               bool adapt) {
-  validate(weights, grads, bufs, lows);
+// params[i] is stepped in place, or, when master_params[i] is an fp32 master (master_params
+// None: no tensor has one), the master is stepped and rounded into the bf16 params[i].
+// grads None: each parameter's .grad, skipping parameters without one.
+void lars_step(const py::list& params, const py::object& grads, const py::list& bufs, const py::object& masters,
+               double lr, double momentum, double weight_decay, double trust_coefficient, double eps, bool nesterov,
+               bool paper_style, bool clip, bool adapt) {
+  const std::vector<Item> items = borrow(params, grads, bufs, masters);
+  validate(items);
   const Hyper h{lr, momentum, weight_decay, trust_coefficient, eps, nesterov, paper_style, clip, adapt};
-  const int64_t n = static_cast<int64_t>(weights.size());
+  const int64_t n = static_cast<int64_t>(items.size());
   std::vector<Slot> slots(n);
   std::vector<uint8_t> large_flag(n, 0);
   Temps temps(n);
-  const at::Tensor none;
   // One pass: each thread prepares its share of the tensors and updates the small ones at once,
   // so a tensor's metadata and data are touched by one core, close together in time.
   at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      if (!prepare(i, weights[i], grads[i], bufs[i], lows.empty() ? none : lows[i], slots[i], temps)) continue;
+      if (!prepare(i, items[i], slots[i], temps)) continue;
       if (slots[i].n <= kBlock) {
         step_small(slots[i], h);
       } else {
@@ -321,14 +377,23 @@ void lars_step(const std::vector<at::Tensor>& weights, const std::vector<at::Ten
       }
     }
   });
+  // The large tensors run without the GIL, holding references so none can be freed meanwhile.
   std::vector<int32_t> large;
-  for (int64_t i = 0; i < n; ++i)
-    if (large_flag[i]) large.push_back(static_cast<int32_t>(i));
-  step_large(slots, large, h);
+  std::vector<at::Tensor> held;
   for (int64_t i = 0; i < n; ++i) {
-    if (temps.w[i].defined()) weights[i].copy_(temps.w[i]);
-    if (temps.v[i].defined()) bufs[i].copy_(temps.v[i]);
-    if (temps.low[i].defined()) lows[i].copy_(temps.low[i]);
+    if (!large_flag[i]) continue;
+    large.push_back(static_cast<int32_t>(i));
+    for (const at::Tensor* t : {items[i].w, items[i].g, items[i].v, items[i].low})
+      if (t) held.push_back(*t);
+  }
+  if (!large.empty()) {
+    py::gil_scoped_release no_gil;
+    step_large(slots, large, h);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (temps.w[i].defined()) items[i].w->copy_(temps.w[i]);
+    if (temps.v[i].defined()) items[i].v->copy_(temps.v[i]);
+    if (temps.low[i].defined()) items[i].low->copy_(temps.low[i]);
   }
 }
 
@@ -337,9 +402,8 @@ void lars_step(const std::vector<at::Tensor>& weights, const std::vector<at::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused multi-tensor LARS step for CPU tensors";
   m.attr("vector_width") = static_cast<int64_t>(Vec::size());
-  m.def("lars_step", &lars_step, pybind11::arg("weights"), pybind11::arg("grads"), pybind11::arg("momentum_buffers"),
-        pybind11::arg("low_params"), pybind11::arg("lr"), pybind11::arg("momentum"), pybind11::arg("weight_decay"),
-        pybind11::arg("trust_coefficient"), pybind11::arg("eps"), pybind11::arg("nesterov"),
-        pybind11::arg("paper_style"), pybind11::arg("clip"), pybind11::arg("adapt"),
-        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("lars_step", &lars_step, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"),
+        py::arg("master_params"), py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"),
+        py::arg("trust_coefficient"), py::arg("eps"), py::arg("nesterov"), py::arg("paper_style"), py::arg("clip"),
+        py::arg("adapt"));
 }

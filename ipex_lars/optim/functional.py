@@ -24,7 +24,6 @@ from ipex_lars.optim.reference import lars_reference
 
 IMPLS = ("auto", "fused", "foreach", "reference")
 STYLES = ("paper", "sgd")
-_EMPTY = torch.empty(0)  # "no bf16 copy" for the fused kernel, which takes tensors only
 
 
 def resolve_impl(impl: str) -> str:
@@ -57,6 +56,8 @@ def _validate(params: list, grads: list, momentum_buffers: list, master_params: 
     if not len(params) == len(grads) == len(momentum_buffers) == len(master_params):
         raise ValueError("LARS: params, grads, momentum_buffers and master_params must have the same length")
     for p, g, v, master in zip(params, grads, momentum_buffers, master_params):
+        if g is None:
+            continue
         if g.is_sparse:
             raise RuntimeError("LARS does not support sparse gradients")
         w = p if master is None else master
@@ -79,7 +80,7 @@ def _validate(params: list, grads: list, momentum_buffers: list, master_params: 
 @torch.no_grad()
 def lars(
     params: list[torch.Tensor],
-    grads: list[torch.Tensor],
+    grads: list[torch.Tensor | None] | None,
     momentum_buffers: list[torch.Tensor],
     master_params: list[torch.Tensor | None] | None = None,
     *,
@@ -99,7 +100,8 @@ def lars(
 
     ``params`` are float32 or bfloat16; ``master_params[i]`` is the float32 master of a
     bfloat16 ``params[i]`` (None for a float32 parameter), which the step updates before
-    rounding it into the parameter. ``momentum_buffers`` are float32, shaped like the
+    rounding it into the parameter. A parameter whose gradient is None is skipped; ``grads``
+    None takes each parameter's own ``.grad``. ``momentum_buffers`` are float32, shaped like the
     parameters. ``adapt=False`` turns the trust ratio off (BN and bias groups). Everything is
     checked before any tensor is written: an invalid input raises and changes nothing. Runs
     without autograd, as an optimizer step does.
@@ -120,16 +122,18 @@ def lars(
     )
     if impl == "auto" or impl not in IMPLS:  # a named impl is used as is: no kernel probe on every step
         impl = resolve_impl(impl)
-    if impl == "fused" and master_params is None:  # all float32: nothing to round into, which the kernel takes as []
-        fused.lars_fused(params, grads, momentum_buffers, [], **hyper)
+    if impl == "fused":  # the kernel checks its inputs itself, in C++
+        fused.lars_fused(params, grads, momentum_buffers, master_params, **hyper)
         return
     masters = master_params if master_params is not None else [None] * len(params)
-    if impl != "fused":  # the fused kernel checks its inputs itself, in C++
-        _validate(params, grads, momentum_buffers, masters)
-    elif len(masters) != len(params):
-        raise ValueError("LARS: params and master_params must have the same length")
-    no_copy = _EMPTY if impl == "fused" else None  # the kernel takes tensors only
+    if grads is None:
+        grads = [p.grad for p in params]
+    _validate(params, grads, momentum_buffers, masters)
+    if any(g is None for g in grads):  # a parameter without a gradient is skipped
+        kept = [i for i, g in enumerate(grads) if g is not None]
+        params, grads = [params[i] for i in kept], [grads[i] for i in kept]
+        momentum_buffers, masters = [momentum_buffers[i] for i in kept], [masters[i] for i in kept]
     weights = [p if m is None else m for p, m in zip(params, masters)]
-    lows = [no_copy if m is None else p for p, m in zip(params, masters)]
-    step = {"fused": fused.lars_fused, "foreach": lars_foreach, "reference": lars_reference}[impl]
+    lows = [None if m is None else p for p, m in zip(params, masters)]
+    step = lars_foreach if impl == "foreach" else lars_reference
     step(weights, grads, momentum_buffers, lows, **hyper)

@@ -20,10 +20,10 @@ def load() -> ModuleType:
 
 
 def lars_fused(
-    weights: list[torch.Tensor],
-    grads: list[torch.Tensor],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor | None] | None,
     momentum_buffers: list[torch.Tensor],
-    low_params: list[torch.Tensor],
+    master_params: list[torch.Tensor | None] | None,
     *,
     lr: float,
     momentum: float,
@@ -35,13 +35,14 @@ def lars_fused(
     clip: bool,
     adapt: bool,
 ) -> None:
-    """Step fp32 ``weights`` and momentum in place; ``low_params[i]`` (bf16, or an empty tensor) gets
-    the rounded weights (``low_params`` empty: none has one). Validates everything before writing anything."""
+    """Step ``params`` (or the fp32 ``master_params[i]`` of a bf16 ``params[i]``, then rounded into
+    it) and momentum in place. A parameter whose gradient is None is skipped; ``grads`` None takes
+    each parameter's own ``.grad``. Validates everything before writing anything."""
     load().lars_step(
-        weights,
-        grads,
-        momentum_buffers,
-        low_params,
+        params if type(params) is list else list(params),
+        grads if grads is None or type(grads) is list else list(grads),
+        momentum_buffers if type(momentum_buffers) is list else list(momentum_buffers),
+        master_params if master_params is None or type(master_params) is list else list(master_params),
         lr,
         momentum,
         weight_decay,

@@ -29,7 +29,6 @@ fp32 (``state[p]["momentum_buffer"]``), so state dicts load across impls.
 from __future__ import annotations
 
 import copy
-import itertools
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -40,7 +39,6 @@ import torch
 from ipex_lars.optim.functional import STYLES, lars, resolve_impl
 
 _FP32_STATE = ("momentum_buffer", "master_param")  # kept float32 whatever the parameter's dtype
-_NONES = itertools.repeat(None)
 
 
 class _Changes:
@@ -333,16 +331,14 @@ class LARS(torch.optim.Optimizer):
                 self._step_group(group, subset)
 
     def _step_gathered(self, gathered: _Gathered) -> bool:
-        """Step the tensors gathered last time (checked still valid); False when a gradient is
-        missing this step, so the caller gathers afresh instead."""
-        grads = [p.grad for p in gathered.ps]
-        if not all(map(operator.is_not, grads, _NONES)):
-            return False
+        """Step the tensors gathered last time (checked still valid), each with its gradient as it
+        is now (the kernel reads them, and skips a parameter that has none); False when an input
+        no longer fits, e.g. a dtype changed through ``.data``, so the caller gathers afresh."""
         try:
             self._step_lists(
-                gathered.group, gathered.ps, grads, gathered.bufs, gathered.masters if gathered.any_master else None
+                gathered.group, gathered.ps, None, gathered.bufs, gathered.masters if gathered.any_master else None
             )
-        except ValueError:  # e.g. a parameter's dtype changed through .data: nothing was written
+        except ValueError:  # nothing was written
             return False
         return True
 
@@ -372,7 +368,7 @@ class LARS(torch.optim.Optimizer):
             self._step_lists(group, ps, grads, bufs, masters if any_master else None)
         return _Gathered(group, state_of, changes, ps, bufs, masters, states, idle)
 
-    def _step_lists(self, group: dict, ps: list, grads: list, bufs: list, masters: list | None) -> None:
+    def _step_lists(self, group: dict, ps: list, grads: list | None, bufs: list, masters: list | None) -> None:
         self._sync_masters(ps)
         lars(
             ps,
