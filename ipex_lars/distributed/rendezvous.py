@@ -102,27 +102,21 @@ def open_store(launch: Launch, timeout: timedelta, job: str) -> Any:
         return dist.HashStore()
     deadline = time.monotonic() + timeout.total_seconds()
     attempt = agent_store_prefix()
-    if launch.rank == 0 and attempt is None:
-        server = listen(bind_address(launch), launch.master_port)
-        store = dist.TCPStore(
-            launch.master_addr,
-            launch.master_port,
-            launch.world_size,
-            is_master=True,
-            timeout=timeout,
-            wait_for_workers=False,
-            master_listen_fd=server.detach(),
-        )
+    serve = launch.rank == 0 and attempt is None
+    if serve:  # rank 0 binds the port itself, so a port in use is a one-line error naming it
+        listening = {"master_listen_fd": listen(bind_address(launch), launch.master_port).detach()}
     else:
+        listening = {}
         _reach(launch, deadline, timeout, "torchrun's agent" if attempt else "rank 0")
-        store = dist.TCPStore(
-            launch.master_addr,
-            launch.master_port,
-            launch.world_size,
-            is_master=False,
-            timeout=timeout,
-            wait_for_workers=False,
-        )
+    store = dist.TCPStore(
+        launch.master_addr,
+        launch.master_port,
+        launch.world_size,
+        is_master=serve,
+        timeout=timeout,
+        wait_for_workers=False,
+        **listening,
+    )
     if attempt is not None:
         store = dist.PrefixStore(attempt, store)
     if launch.rank == 0:

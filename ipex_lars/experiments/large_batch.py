@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ipex_lars.experiments.large_batch_run import RunSpec
-from launchers.argtypes import UsageError
+from launchers.argtypes import UsageError, csv_of, float_range, int_range
 
 # Grid centres at batch 128 (REFERENCE_BATCH), the lr each optimizer's scaling rule starts from, per
 # network (BN or not). Chosen from a pilot on the validation split (batch 64 and 1024, one seed,
@@ -35,44 +35,60 @@ REFERENCE_BATCH = 128
 CENTRE = {("sgd", False): 0.05, ("sgd", True): 0.5, ("lars", False): 2.0, ("lars", True): 10.0}
 GRID_FACTORS = (1 / 27, 1 / 9, 1 / 3, 1.0, 3.0, 9.0, 27.0)  # lr values tried per batch, as multiples of the rule's lr
 SWEEP = {"sgd": (0.001, 10.0), "lars": (0.01, 100.0)}  # question 1's lr ranges (4 decades each)
+MAX_BATCH = 1 << 20  # the parser's bound; run() then checks against the training split
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batches",
+        type=csv_of(int_range(2, MAX_BATCH), f"batch sizes from 2 to {MAX_BATCH}"),
         default="32,128,512,1750",
-        help="global batch sizes of question 2 (3,500 training images; default: %(default)s)",
+        help="global batch sizes of question 2, each from 2 to the training split's size (default: %(default)s)",
     )
     parser.add_argument(
         "--stability-batch",
-        type=int,
+        type=int_range(2, MAX_BATCH),
         default=1024,
-        help="the fixed batch of question 1's lr sweep (default: %(default)s)",
+        help="the fixed batch of question 1's lr sweep, from 2 to the training split's size (default: %(default)s)",
     )
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of every run (default: %(default)s)")
     parser.add_argument(
-        "--warmup-epochs", type=float, default=2.0, help="linear warmup epochs, both optimizers (default: %(default)s)"
+        "--epochs", type=int_range(1, 10000), default=20, help="epochs of every run, 1-10000 (default: %(default)s)"
     )
-    parser.add_argument("--seeds", type=int, default=4, help="seeds per setting (default: %(default)s)")
+    parser.add_argument(
+        "--warmup-epochs",
+        type=float_range(0, 10000),
+        default=2.0,
+        help="linear warmup epochs, both optimizers; fewer than --epochs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int_range(2, 1000),
+        default=4,
+        help="seeds per setting, 2-1000 (two at least, for a std; default: %(default)s)",
+    )
     parser.add_argument(
         "--grid",
-        type=int,
+        type=int_range(2, len(GRID_FACTORS)),
         default=len(GRID_FACTORS),
-        help=f"lr values tried per batch and optimizer in question 2, 2..{len(GRID_FACTORS)} (default: %(default)s)",
+        help=f"lr values tried per batch and optimizer in question 2, 2-{len(GRID_FACTORS)} (default: %(default)s)",
     )
     parser.add_argument(
         "--sweep-points",
-        type=int,
+        type=int_range(2, 1000),
         default=13,
-        help="lr values per optimizer in question 1, spread log-evenly over 4 decades (default: %(default)s)",
+        help="lr values per optimizer in question 1, spread log-evenly over 4 decades, 2-1000 (default: %(default)s)",
     )
-    parser.add_argument("--width", type=int, default=128, help="MLP hidden width (default: %(default)s)")
-    parser.add_argument("--depth", type=int, default=8, help="MLP hidden layers (default: %(default)s)")
+    parser.add_argument(
+        "--width", type=int_range(1, 65536), default=128, help="MLP hidden width, 1-65536 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--depth", type=int_range(1, 1000), default=8, help="MLP hidden layers, 1-1000 (default: %(default)s)"
+    )
     parser.add_argument(
         "--jobs",
-        type=int,
+        type=int_range(1, 256),
         default=min(2, os.cpu_count() or 1),
-        help="runs in parallel, one thread each (default: %(default)s)",
+        help="runs in parallel, one thread each, 1-256 (default: %(default)s)",
     )
     parser.add_argument(
         "--out", default="docs", help="folder for large_batch.md, .json and the two plots (default: docs)"
@@ -156,10 +172,6 @@ def _progress(total: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        raise UsageError(f"--batches must be integers, got {args.batches!r}") from None
     from ipex_lars.data.sources import mnist5k
 
     try:
@@ -167,25 +179,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     n_train = len(data[0])
-    if any(b < 2 or b > n_train for b in [*batches, args.stability_batch]):
+    batches = args.batches
+    too_large = [b for b in [*batches, args.stability_batch] if b > n_train]
+    if too_large:
         raise UsageError(
-            f"batch sizes must be in 2..{n_train} (the training split), got {args.batches} "
-            f"and --stability-batch {args.stability_batch}"
+            f"batch sizes must be at most {n_train} (the training split), got {too_large[0]}; "
+            "lower --batches or --stability-batch"
         )
-    if (
-        args.epochs < 1
-        or args.seeds < 2
-        or not 2 <= args.grid <= len(GRID_FACTORS)
-        or args.sweep_points < 2
-        or args.warmup_epochs < 0
-        or args.warmup_epochs >= args.epochs
-        or args.width < 1
-        or args.depth < 1
-        or args.jobs < 1
-    ):
+    if args.warmup_epochs >= args.epochs:
         raise UsageError(
-            f"need --epochs >= 1, --seeds >= 2 (for a std), --grid in 2..{len(GRID_FACTORS)}, "
-            "--sweep-points >= 2, 0 <= --warmup-epochs < --epochs, --width/--depth/--jobs >= 1"
+            f"--warmup-epochs {args.warmup_epochs:g} must be fewer than --epochs {args.epochs}; lower the warmup"
         )
     runs = plan_runs(args, batches)
     runs.sort(key=lambda r: r[1].batch)  # small batches (most steps) first: better load balance
