@@ -8,6 +8,7 @@ optimizers; each test is something such a loop relies on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 from collections import defaultdict
@@ -15,6 +16,7 @@ from collections import defaultdict
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from ipex_lars.optim import LARS, lars, lars_param_groups
@@ -185,6 +187,18 @@ def test_a_parameter_whose_gradient_is_dropped_is_skipped_then_stepped_again(imp
     kept = ps[1].detach().clone()
     opt.step()
     assert not torch.equal(ps[1], kept)
+
+
+def test_a_step_after_zero_grad_set_to_none_changes_nothing(impl):
+    model = _model()
+    opt = _opt(model, impl)
+    _train(model, opt, _batches(1))
+    opt.zero_grad(set_to_none=True)
+    before = _flat(model), copy.deepcopy(opt.state_dict())
+    opt.step()
+    assert torch.equal(_flat(model), before[0])
+    for key, entry in opt.state_dict()["state"].items():
+        assert torch.equal(entry["momentum_buffer"], before[1]["state"][key]["momentum_buffer"])
 
 
 def test_a_step_with_zero_gradients_and_no_decay_changes_nothing(impl):
@@ -559,3 +573,43 @@ def test_tensor_subclasses_step_with_foreach_and_the_fused_kernel_names_it():
     with pytest.raises(TypeError, match="impl='foreach'"):
         LARS([p], lr=1.0, impl="fused").step()
     assert torch.equal(p.elem, w)
+
+
+def test_a_dispatch_mode_sees_no_call_from_inside_the_fused_kernel():
+    """The kernel borrows tensors while it holds the GIL; Python code run by a dispatch mode inside
+    it could let the GIL go and another thread free one. So its own ATen calls (here the dense
+    copy of a sliced weight) bypass modes, and the step is the same with or without one."""
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def run(mode):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(64, 128)[:, :64]), nn.Parameter(torch.randn(20_000))]
+        bufs = [torch.zeros_like(p) for p in ps]
+        grads = [torch.randn_like(p) for p in ps]
+        hyper = dict(
+            lr=1.0,
+            momentum=0.9,
+            weight_decay=1e-3,
+            trust_coefficient=0.001,
+            eps=0.0,
+            nesterov=False,
+            momentum_style="paper",
+            clip=False,
+            adapt=True,
+        )
+        with mode:
+            lars(ps, grads, bufs, impl="fused", **hyper)
+        return [p.detach() for p in ps]
+
+    recorder = Recorder()
+    stepped = run(recorder)
+    assert recorder.calls == []
+    assert all(torch.equal(a, b) for a, b in zip(stepped, run(contextlib.nullcontext())))

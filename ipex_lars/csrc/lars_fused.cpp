@@ -13,9 +13,10 @@
 // they were. Weights that are not dense (a transposed or sliced view) are
 // stepped through a dense copy, and only those. The kernel keeps nothing
 // between calls: it sees exactly the tensors it is given. It reads them from
-// the Python lists without reference counting, holding the GIL so that no
-// Python code can replace one meanwhile, and lets the GIL go only for the
-// large tensors, whose references it then holds.
+// the Python lists without reference counting, holding the GIL and keeping
+// Python dispatch modes out of its own ATen calls, so that no Python code can
+// replace one meanwhile; it lets the GIL go only for the large tensors, after
+// taking references that keep those tensors alive.
 //
 // The update, with d = g + wd*w and rate = lr*tau (or min(tau, lr) with clip):
 //   paper style: v = m*v + rate*d;  w -= nesterov ? m*v + rate*d : v
@@ -27,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cmath>
@@ -269,10 +271,10 @@ std::vector<Item> borrow(const py::list& params, const py::object& grads, const 
   return items;
 }
 
-// A dense tensor whose operations run in C++: a tensor subclass that dispatches to Python would
-// need the GIL, which this kernel holds while its threads run.
+// A tensor whose operations run in C++: a tensor subclass that dispatches to Python would need
+// the GIL, which this kernel holds while its threads run.
 bool plain(const at::Tensor& t) {
-  return t.layout() == at::kStrided && !t.unsafeGetTensorImpl()->is_python_dispatch() && t.has_storage();
+  return !t.unsafeGetTensorImpl()->is_python_dispatch() && t.has_storage();
 }
 
 // Checks every input before anything is written: an invalid one raises and leaves all untouched.
@@ -283,6 +285,9 @@ void validate(const std::vector<Item>& items) {
     if (!g.defined()) continue;  // no gradient: skipped
     TORCH_CHECK_VALUE(w.defined() && v.defined(), "LARS fused: tensor ", i, " is undefined");
     TORCH_CHECK(!w.is_sparse() && !g.is_sparse() && !v.is_sparse(), "LARS does not support sparse gradients");
+    for (const at::Tensor* t : {&w, &g, &v, it.low})
+      TORCH_CHECK_VALUE(!t || t->layout() == at::kStrided, "LARS takes dense (strided) tensors, got layout ",
+                        t->layout(), " for tensor ", i);
     TORCH_CHECK_TYPE(plain(w) && plain(g) && plain(v) && (!it.low || plain(*it.low)),
                      "LARS fused takes plain tensors with storage, not tensor subclasses (tensor ", i,
                      "); use impl='foreach' for those");
@@ -358,6 +363,10 @@ bool prepare(int64_t i, const Item& it, Slot& s, Temps& temps) {
 void lars_step(const py::list& params, const py::object& grads, const py::list& bufs, const py::object& masters,
                double lr, double momentum, double weight_decay, double trust_coefficient, double eps, bool nesterov,
                bool paper_style, bool clip, bool adapt) {
+  // Python dispatch modes (a TorchDispatchMode on this thread) stay out of the ATen calls made
+  // here: their Python code could let the GIL go, and another thread free a borrowed tensor.
+  const c10::impl::ExcludeDispatchKeyGuard no_python(
+      c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
   const std::vector<Item> items = borrow(params, grads, bufs, masters);
   validate(items);
   const Hyper h{lr, momentum, weight_decay, trust_coefficient, eps, nesterov, paper_style, clip, adapt};
@@ -377,7 +386,8 @@ void lars_step(const py::list& params, const py::object& grads, const py::list& 
       }
     }
   });
-  // The large tensors run without the GIL, holding references so none can be freed meanwhile.
+  // The large tensors run without the GIL, holding references that keep the tensors alive (as
+  // torch's own ops do; a write through .data from another thread meanwhile is the caller's race).
   std::vector<int32_t> large;
   std::vector<at::Tensor> held;
   for (int64_t i = 0; i < n; ++i) {

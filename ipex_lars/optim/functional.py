@@ -133,6 +133,8 @@ def lars(
         kept = [i for i, g in enumerate(grads) if g is not None]
         params, grads = [params[i] for i in kept], [grads[i] for i in kept]
         momentum_buffers, masters = [momentum_buffers[i] for i in kept], [masters[i] for i in kept]
+    if not params:  # torch's multi-tensor ops refuse empty lists
+        return
     weights = [p if m is None else m for p, m in zip(params, masters)]
     lows = [None if m is None else p for p, m in zip(params, masters)]
     step = lars_foreach if impl == "foreach" else lars_reference
