@@ -12,8 +12,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from affinity.errors import UsageError
 
-class CpuListError(ValueError):
+
+class CpuListError(UsageError):
     """A CPU-list string could not be parsed."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from affinity.cpuset import CpuListError, format_cpulist, parse_cpulist
+from affinity.errors import UsageError
 from affinity.topology import Topology, TopologyError, discover, load_topology
 
 # Human names of the features we care about, and the /proc/cpuinfo flag behind each.
@@ -46,7 +47,7 @@ ISAS = ("avx512", "avx2", "default")  # kernel build targets, best first
 NATIVE_BF16 = ("avx512_bf16", "avx_ne_convert", "amx_bf16")
 
 
-class MachineError(ValueError):
+class MachineError(UsageError):
     """A machine description is missing or malformed; the message says how to make one."""
 
 

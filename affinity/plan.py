@@ -11,13 +11,14 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from affinity.cpuset import format_cpulist
+from affinity.errors import UsageError
 from affinity.topology import Core, Topology
 
 if TYPE_CHECKING:  # only for hints: `python -m affinity.machine` must not find it imported already
     from affinity.machine import Machine
 
 
-class PlacementError(ValueError):
+class PlacementError(UsageError):
     """The request cannot be satisfied on this topology; the message says how to fix it."""
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from affinity.cpuset import format_cpulist
+from affinity.errors import UsageError
 from affinity.plan import NodePlan, RankPlan
 
 ALLOCATORS = {  # name -> library stems, preferred first
@@ -24,7 +25,7 @@ IOMP_STEMS = ("libiomp5",)
 JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto"
 
 
-class EnvError(ValueError):
+class EnvError(UsageError):
     """A requested library is missing; the message says how to install or point to it."""
 
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from affinity.cpuset import format_cpulist
+from affinity.errors import UsageError
 
 
-class TopologyError(ValueError):
+class TopologyError(UsageError):
     """The topology data is missing or malformed."""
 
 

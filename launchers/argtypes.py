@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
+from affinity.errors import UsageError
 
-class UsageError(ValueError):
-    """Bad input from the user: the command's main prints this one line and exits 2."""
+__all__ = [
+    "OneLineParser",
+    "UsageError",
+    "byte_size",
+    "csv_of",
+    "float_range",
+    "int_range",
+    "one_of",
+    "parse_size",
+]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -67,5 +76,38 @@ def csv_of(item: Callable[[str], object], what: str) -> Callable[[str], list]:
             return [item(p.strip()) for p in parts]
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse
+
+
+def one_of(choices: Collection[str]) -> Callable[[str], str]:
+    """Type accepting one of ``choices`` (as an item of ``csv_of``, which names them)."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def parse_size(size: str) -> int:
+    """Bytes of a size written like 4K, 100M or 1G (powers of 1024), or a plain number."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(size[:-1]) * units[size[-1]]) if size[-1:] in units else int(size)
+
+
+def byte_size(most: int) -> Callable[[str], str]:
+    """Type accepting a size from 1 byte to ``most`` written like ``parse_size`` reads it, kept as
+    written (benchmarks label their results with it)."""
+
+    def parse(text: str) -> str:
+        try:
+            ok = 1 <= parse_size(text) <= most
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"bad size {text!r}")
+        return text
 
     return parse

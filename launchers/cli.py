@@ -16,23 +16,31 @@ import tempfile
 from dataclasses import replace
 
 from affinity.cpuset import CpuListError, allowed_cpus, format_cpulist, parse_cpulist
-from affinity.machine import Machine, MachineError, load_machine, this_machine
-from affinity.plan import NodePlan, PlacementError, PlanRequest, make_plan, place_memory
-from affinity.rank_env import EnvError, resolve
-from affinity.topology import Topology, TopologyError, load_topology
+from affinity.machine import Machine, load_machine, this_machine
+from affinity.plan import NodePlan, PlanRequest, make_plan, place_memory
+from affinity.rank_env import resolve
+from affinity.topology import Topology, load_topology
 from launchers import hostlist, identity, local, mpi, slurm, torchrun_env
-from launchers.argtypes import OneLineParser, int_range
+from launchers.argtypes import OneLineParser, UsageError, int_range
 from launchers.guard import GRACE
-from launchers.hostfile import HostfileError, read_hostfile
+from launchers.hostfile import read_hostfile
 from launchers.job import Job, LaunchError
 from launchers.rank_spec import RankSpec
 from launchers.supervise import DEFAULT_GRACE_S
 
 IFACE_ENV = "IPEX_LARS_IFACE"  # read by ipex_lars.distributed.interface in every rank
 LAUNCHERS = ("local", "mpi", "slurm", "torchrun-env")
-USAGE_ERRORS = (PlacementError, TopologyError, MachineError, HostfileError, EnvError, LaunchError, CpuListError)
 MAX_CPUS = 8192  # Linux's limit (CONFIG_NR_CPUS with MAXSMP)
 PER_NODE = int_range(1, MAX_CPUS)
+
+
+def cpu_list_text(text: str) -> str:
+    """argparse type of ``--allowed-cpus`` and ``--nodes-list``: the kernel's list format, checked."""
+    try:
+        parse_cpulist(text)
+    except CpuListError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def memory_node(text: str) -> str:
@@ -78,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="OpenMP cores per instance (default: the largest even split that keeps each "
         "instance inside one NUMA node); oneCCL worker cores come on top",
     )
-    g.add_argument("--nodes-list", help="NUMA nodes to use, e.g. 0,1 or 0-3 (default: all allowed)")
+    g.add_argument("--nodes-list", type=cpu_list_text, help="NUMA nodes to use, e.g. 0,1 or 0-3 (default: all allowed)")
     g.add_argument(
         "--use-logical-cores",
         action="store_true",
@@ -110,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--allowed-cpus",
         metavar="LIST",
+        type=cpu_list_text,
         help="restrict to these CPUs, e.g. 0-15 (default: this process's scheduler mask and "
         "cgroup cpuset; with --topology/--machine: every CPU described)",
     )
@@ -344,7 +353,7 @@ def _binder(args: argparse.Namespace, plan: NodePlan) -> str:
 
 
 def make_job(args: argparse.Namespace) -> Job:
-    """Turn parsed flags into a :class:`Job` (raises one of USAGE_ERRORS on bad input)."""
+    """Turn parsed flags into a :class:`Job` (raises UsageError on bad input)."""
     distributed = any(x is not None for x in (args.nnodes, args.nprocs_per_node, args.hostfile))
     launcher = args.launcher or ("mpi" if distributed else "local")
     if (
@@ -504,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         if job.launcher == "torchrun-env":
             return local.run(torchrun_env.this_node(job, args.node_rank), args.log_dir, args.grace_period)
         return mpi.run_outer(job, args.log_dir, args.grace_period)
-    except USAGE_ERRORS as exc:
+    except UsageError as exc:
         print(f"lars-run: error: {exc}", file=sys.stderr)
         return 2
 

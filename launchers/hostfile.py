@@ -10,13 +10,15 @@ import ipaddress
 import re
 from pathlib import Path
 
+from affinity.errors import UsageError
+
 _HOSTNAME = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
 
 
-class HostfileError(ValueError):
+class HostfileError(UsageError):
     """The hostfile is unreadable, empty or holds something that is not a host."""
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import itertools
 import re
 
+from affinity.errors import UsageError
+
 _PART = re.compile(r"\[([^\[\]]*)\]|([^\[\]]+)")
 
 
-class HostlistError(ValueError):
+class HostlistError(UsageError):
     """Not a Slurm hostlist."""
 
 

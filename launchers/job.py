@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from affinity.cpuset import format_cpulist
+from affinity.errors import UsageError
 from affinity.plan import NodePlan, RankPlan
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UsageError):
     """Bad input or an unusable environment; the message names the problem and the fix."""
 
 

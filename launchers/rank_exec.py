@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 
+from affinity.errors import UsageError
 from launchers.rank_spec import SPEC_VAR, RankSpec, plan_here
 
 ENV_VAR = "LARS_RANK_ENVS"
@@ -37,13 +38,12 @@ def _fail(message: str) -> int:
 def from_spec(local: int, argv: list[str]) -> tuple[dict[str, str], list[str]] | str:
     """(variables, argv) for local rank ``local`` planned on this node, or why it cannot be."""
     from affinity.rank_env import merge_preload, rank_env
-    from launchers.cli import USAGE_ERRORS
     from launchers.local import memory_options
 
     spec = RankSpec.from_json(os.environ.pop(SPEC_VAR))
     try:
         plan, choice = plan_here(spec)
-    except USAGE_ERRORS as exc:
+    except UsageError as exc:
         return f"cannot plan the ranks of node {socket.gethostname()}: {exc}"
     if local >= len(plan.ranks):
         return (

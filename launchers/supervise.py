@@ -39,10 +39,20 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _signal_name(number: int) -> str | None:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return None
+
+
 def how_it_ended(returncode: int) -> str:
-    """``exited with code 3`` or ``was killed by SIGKILL``, from a Popen return code."""
+    """``exited with code 3``, ``was killed by SIGKILL``, or ``exited with code 139 (128 + SIGSEGV)``
+    (how launchers and shells pass on a child's signal), from a Popen return code."""
     if returncode < 0:
-        return f"was killed by {signal.Signals(-returncode).name}"
+        return f"was killed by {_signal_name(-returncode) or f'signal {-returncode}'}"
+    if returncode > 128 and _signal_name(returncode - 128):
+        return f"exited with code {returncode} (128 + {_signal_name(returncode - 128)})"
     return f"exited with code {returncode}"
 
 

@@ -122,16 +122,16 @@ def test_a_failing_configuration_is_reported_and_the_others_still_run(tmp_path):
     block = out.stderr[out.stderr.index("[bench train] FAILED: ") :]
     assert block.startswith(
         "[bench train] FAILED: current alexnet_bn b2 fp32 NCHW native SGD x1 (round 1 of 1)\n"
-        "  exit code 1: RuntimeError: "
+        "  exited with code 1: RuntimeError: "
     )
     assert "\n  | RuntimeError: " in block, "the child's own last stderr lines are shown"
     assert "[bench train] 1 of 2 configurations failed (details above): current alexnet_bn" in out.stderr
     assert not any(line.startswith("Traceback") for line in out.stderr.splitlines()), "bench train itself ran on"
     failed, ok = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert failed["model"] == "alexnet_bn" and failed["error"].startswith("exit code 1: RuntimeError: ")
+    assert failed["model"] == "alexnet_bn" and failed["error"].startswith("exited with code 1: RuntimeError: ")
     assert failed["failures"][0]["round"] == 1 and failed["failures"][0]["stderr_tail"][-1].startswith("RuntimeError")
     assert ok["model"] == "digits_cnn" and ok["images_per_second"] > 0 and ok["failures"] == []
-    assert "FAILED: exit code 1: RuntimeError" in out.stdout and "wrote " in out.stdout
+    assert "FAILED: exited with code 1: RuntimeError" in out.stdout and "wrote " in out.stdout
 
 
 def test_a_configuration_that_times_out_is_stopped_and_reported(tmp_path):
@@ -149,10 +149,15 @@ def test_a_configuration_that_times_out_is_stopped_and_reported(tmp_path):
 @pytest.mark.parametrize(
     "returncode,stdout,stderr,error",
     [
-        (-9, "", "", "killed by SIGKILL: its stderr is empty"),
-        (139, "", "rank 1 crashed\n", "exit code 139 (128 + SIGSEGV): rank 1 crashed"),
-        (1, RESULT_TAG + '{"error": "ValueError: bad"}', "Traceback\nValueError: bad", "exit code 1: ValueError: bad"),
-        (0, RESULT_TAG + "{cut", "", "exit code 0, unparseable result line: "),
+        (-9, "", "", "was killed by SIGKILL: its stderr is empty"),
+        (139, "", "rank 1 crashed\n", "exited with code 139 (128 + SIGSEGV): rank 1 crashed"),
+        (
+            1,
+            RESULT_TAG + '{"error": "ValueError: bad"}',
+            "Traceback\nValueError: bad",
+            "exited with code 1: ValueError: bad",
+        ),
+        (0, RESULT_TAG + "{cut", "", "exited with code 0, unparseable result line: "),
         (0, "", "a warning\n", "exit code 0 without a result line: a warning"),
     ],
 )

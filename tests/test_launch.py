@@ -16,6 +16,7 @@ import pytest
 
 from affinity.machine import this_machine
 from affinity.plan import RankPlan
+from launchers import cli as launchers_cli
 from launchers.local import detect_binder, numactl_problem
 
 TOPOS = Path(__file__).parent / "data" / "topologies"
@@ -479,16 +480,19 @@ def test_memory_node_really_places_memory_here(choice, policy):
         (["--memory-allocator", "jemalloc", "--dry-run", "x.py"], None),
     ],
 )
-def test_bad_input_gives_one_line_error_and_exit_2(args, message):
-    res = lars_run(*args)
-    if message is None:  # only an error when jemalloc is really missing here
-        if res.returncode == 0:
-            return
+def test_bad_input_gives_one_line_error_and_exit_2(args, message, capsys):
+    try:
+        code = launchers_cli.main(args)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    if message is None:  # an error only where jemalloc is really missing
+        if code == 0:
+            pytest.skip("jemalloc is installed here, so --memory-allocator jemalloc is no error")
         message = "libjemalloc2"
-    assert res.returncode == 2, res.stdout + res.stderr
-    lines = res.stderr.strip().splitlines()
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lars-run: error:") and message in lines[0]
-    assert "Traceback" not in res.stderr
 
 
 def test_bad_hostfile_entry_names_the_line(tmp_path):

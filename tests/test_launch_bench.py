@@ -43,18 +43,15 @@ def test_bench_launch_reports_all_setups_and_pins_with_lars_run(tmp_path, capsys
             "argument --backends: expected comma-separated backends out of oneccl, gloo, got 'foo'",
         ),
         (["comm", "--backends", "gloo,"], "argument --backends: expected comma-separated backends"),
-        (["comm", "--worlds", "1"], "argument --worlds: expected comma-separated rank counts from 2 to 256, got '1'"),
         (["comm", "--worlds", "2,x"], "argument --worlds: expected comma-separated rank counts from 2 to 256"),
-        (["comm", "--sizes", "4Q"], "argument --sizes: expected comma-separated sizes from 1 byte to 1G"),
-        (["comm", "--sizes", "1K,"], "argument --sizes: expected comma-separated sizes from 1 byte to 1G"),
         (["comm", "--sizes", "2G"], "argument --sizes: expected comma-separated sizes from 1 byte to 1G"),
         (["comm", "--sizes", "0"], "argument --sizes: expected comma-separated sizes from 1 byte to 1G"),
         (["comm", "--seconds", "-0.5"], "argument --seconds: expected a number above 0 and at most 3600"),
-        (["comm", "--ddp-steps", "0"], "argument --ddp-steps: expected a whole number from 1 to 10000, got '0'"),
     ],
 )
 def test_bench_bad_numbers_exit_2_naming_the_flag_and_range_before_starting_anything(args, message, capsys):
-    """Checked by argparse types in-process: nothing is started, no traceback."""
+    """Checked by argparse types in-process: nothing is started, no traceback (test_cli.py has
+    the cases of --worlds 1, --sizes 4Q and 1K, and --ddp-steps 0)."""
     from ipex_lars import cli
 
     with pytest.raises(SystemExit) as exit_:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_runner import run_cli
 
 from affinity.machine import MachineError, load_machine, parse_cpuinfo, read_memory_nodes, this_machine
 from ipex_lars import cli, ext
@@ -74,10 +73,10 @@ def test_doctor_on_a_described_machine_prints_isa_bf16_and_memory_nodes(name, ca
     assert report["cpu"]["kernel_isa"] == isa and report["cpu"]["native_bf16"] is bf16
 
 
-def test_doctor_on_a_missing_description_is_one_line_exit_2(tmp_path):
-    out = run_cli("doctor", "--machine", str(tmp_path / "nope"))
-    assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and "python -m affinity.machine --save" in out.stderr
+def test_doctor_on_a_missing_description_is_one_line_exit_2(tmp_path, capsys):
+    assert cli.main(["doctor", "--machine", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m affinity.machine --save" in err
 
 
 def test_a_saved_description_of_this_machine_reads_back_the_same(tmp_path):

@@ -334,36 +334,6 @@ def test_nodes_list_prints_a_scaling_table_and_json(tmp_path):
         (
             [
                 "--nodes",
-                "0",
-                "--throughput",
-                "10",
-                "--global-batch",
-                "64",
-                "--latency-us",
-                "1",
-                "--bandwidth-gbps",
-                "10",
-            ],
-            "--nodes must be at least 1, got 0: give the node count, e.g. --nodes 16",
-        ),
-        (
-            [
-                "--nodes",
-                "4",
-                "--throughput",
-                "10",
-                "--global-batch",
-                "64",
-                "--latency-us",
-                "1",
-                "--bandwidth-gbps",
-                "-5",
-            ],
-            "--bandwidth-gbps must be positive: give the link speed in Gbit/s, e.g. --bandwidth-gbps 100",
-        ),
-        (
-            [
-                "--nodes",
                 "64",
                 "--throughput",
                 "10",
@@ -410,6 +380,36 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(args, message, tmp_p
     )
     assert re.fullmatch(expected + "\n", err), err
     assert out == ""
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--nodes", "0"],
+            "argument --nodes: expected comma-separated node counts from 1 to 1000000, e.g. 16 or 1,2,4,8, got '0'",
+        ),
+        (
+            ["--nodes", "1,,4"],
+            "argument --nodes: expected comma-separated node counts from 1 to 1000000, e.g. 16 or 1,2,4,8, got '1,,4'",
+        ),
+        (["--throughput", "inf"], "argument --throughput: expected a number above 0 and at most 1e+09, got 'inf'"),
+        (
+            ["--bandwidth-gbps", "-5"],
+            "argument --bandwidth-gbps: expected a number above 0 and at most 1e+09, got '-5'",
+        ),
+        (["--overlap", "1.5"], "argument --overlap: expected a number from 0 to 1, got '1.5'"),
+        (
+            ["--calibrate", "--calibrate-sizes", "4K,zz"],
+            "argument --calibrate-sizes: expected comma-separated sizes from 1 byte to 1G, e.g. 4K,1M,16M, got '4K,zz'",
+        ),
+    ],
+)
+def test_a_bad_flag_value_is_named_before_anything_runs(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plan", *args])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"ipex-lars plan: error: {message} (see ipex-lars plan --help)\n"
 
 
 def test_bad_input_ends_the_installed_command_with_exit_2():

@@ -17,6 +17,7 @@ from cli_runner import SCRIPT, run_cli
 from dist_workers import harness
 
 from affinity.machine import this_machine
+from ipex_lars import cli
 from ipex_lars.train import checkpoint
 from ipex_lars.train.config import TrainConfig, load_config
 from ipex_lars.train.engine import train
@@ -106,7 +107,6 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_configuration_is_a_clear_error(tmp_path, args, message, capsys):
-    from ipex_lars import cli
 
     code = cli.main(["train", *args, "--threads", "1", "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
@@ -256,15 +256,16 @@ def test_ipex_backend_trains_and_resumes_exactly(tmp_path, precision):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_ipex_backend_on_the_native_stack_is_a_clear_error(tmp_path):
+def test_ipex_execution_on_the_native_stack_is_a_clear_error(tmp_path, capsys):
     try:
         import intel_extension_for_pytorch  # noqa: F401
 
         pytest.skip("this stack has IPEX")
     except ImportError:
         pass
-    out = _cli("--backend", "ipex", "--out-dir", str(tmp_path))
-    assert out.returncode == 2 and "use the ipex stack" in out.stderr
+    assert cli.main(["train", "--execution", "ipex", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "use the ipex stack" in err
 
 
 def test_saving_never_deletes_a_newer_checkpoint_or_the_one_just_written(tmp_path):
@@ -309,7 +310,6 @@ def test_recipe_numbers_in_exponent_form_are_read_as_numbers(tmp_path):
 
 
 def test_a_recipe_whose_optional_package_is_missing_names_the_extra(tmp_path, monkeypatch, capsys):
-    from ipex_lars import cli
 
     monkeypatch.setitem(sys.modules, "torchvision", None)  # as after `pip install ipex-lars`
     code = cli.main(
@@ -359,7 +359,6 @@ def test_warmup_starts_from_warmup_start_lr_and_lars_eps_reaches_the_optimizer(t
 
 
 def test_the_old_backend_name_still_works_with_a_warning(tmp_path, capsys):
-    from ipex_lars import cli
 
     recipe = tmp_path / "old.yaml"
     recipe.write_text("backend: native\nepochs: 1\nmax_steps: 1\nthreads: 1\nprogress: false\n")

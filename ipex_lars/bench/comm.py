@@ -20,31 +20,13 @@ import sys
 import time
 
 from ipex_lars.bench.local_job import finish, start_ranks
-from ipex_lars.bench.options import one_of
-from launchers.argtypes import csv_of, float_range, int_range
+from launchers.argtypes import byte_size, csv_of, float_range, int_range, one_of, parse_size
 
 BACKENDS = ("oneccl", "gloo")
 SIZES = ["1K", "4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M", "100M", "256M"]
 TARGETS = {"allreduce 100M, 2 ranks": 2.5, "allreduce 1K, 2 ranks": 5.0, "DDP step, 2 ranks": 2.0}
 MAX_SIZE = 1 << 30  # each rank holds one tensor of the size
 JOB_TIMEOUT_S = 900  # one job of ranks, all sizes and the DDP steps
-
-
-def parse_size(size: str) -> int:
-    """Bytes of a size written like 4K, 100M or 1G (powers of 1024), or a plain number."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(size[:-1]) * units[size[-1]]) if size[-1] in units else int(size)
-
-
-def size_text(text: str) -> str:
-    """argparse type of one ``--sizes`` item: 1 byte to 1G, kept as written (it labels the results)."""
-    try:
-        ok = 1 <= parse_size(text) <= MAX_SIZE
-    except ValueError:
-        ok = False
-    if not ok:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}")
-    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sizes",
-        type=csv_of(size_text, "sizes from 1 byte to 1G, e.g. 1K,4M,256M"),
+        type=csv_of(byte_size(MAX_SIZE), "sizes from 1 byte to 1G, e.g. 1K,4M,256M"),
         default=",".join(SIZES),
         help="allreduce message sizes from 1 byte to 1G, e.g. 1K,4M,256M",
     )

@@ -16,8 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from ipex_lars.bench.options import one_of
-from launchers.argtypes import csv_of, int_range
+from launchers.argtypes import csv_of, int_range, one_of
 
 PARAM_SETS = {
     "resnet50": "ResNet-50's parameters: torchvision's resnet50 tensor by tensor, in fp32",

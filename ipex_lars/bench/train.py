@@ -32,9 +32,9 @@ import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from ipex_lars.bench.options import one_of
 from ipex_lars.bench.train_worker import MODEL_INPUTS, RESULT_TAG
-from launchers.argtypes import UsageError, csv_of, float_range, int_range
+from launchers.argtypes import UsageError, csv_of, float_range, int_range, one_of
+from launchers.supervise import how_it_ended
 
 BASELINE = {"precision": "fp32", "layout": "nchw", "backend": "native", "optimizer": "sgd"}
 AXES = {
@@ -74,7 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             f"{'; ipex only where installed' if axis == 'backend' else ''})",
         )
     parser.add_argument(
-        "--image-size", type=int, default=0, help="input side (default: 224 for resnet50/alexnet_bn, 8 for digits_cnn)"
+        "--image-size",
+        type=int_range(0, 4096),
+        default=0,
+        help="input side, 1-4096; 0: the model's own (224 for resnet50/alexnet_bn, 8 for digits_cnn) (default 0)",
     )
     parser.add_argument(
         "--steps", type=int_range(1, 10000), default=5, help="timed steps per configuration, 1-10000 (default 5)"
@@ -148,22 +151,6 @@ def _has_ipex(python: str) -> bool:
     return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
 
 
-def _signal_name(number: int) -> str | None:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return None
-
-
-def _ending(returncode: int) -> str:
-    """How a child ended, in words: its exit code, or the signal that killed it."""
-    if returncode < 0:
-        return f"killed by {_signal_name(-returncode) or f'signal {-returncode}'}"
-    if returncode > 128 and _signal_name(returncode - 128):  # how launchers pass on a rank's signal
-        return f"exit code {returncode} (128 + {_signal_name(returncode - 128)})"
-    return f"exit code {returncode}"
-
-
 def _failure(error: str, stderr: str) -> dict:
     return {"error": error, "stderr_tail": stderr.strip().splitlines()[-TAIL_LINES:]}
 
@@ -174,11 +161,11 @@ def outcome(returncode: int, stdout: str, stderr: str) -> dict:
     try:
         results = [json.loads(line) for line in tagged]
     except json.JSONDecodeError as exc:
-        return _failure(f"{_ending(returncode)}, unparseable result line: {exc}", stderr)
+        return _failure(f"{how_it_ended(returncode)}, unparseable result line: {exc}", stderr)
     errors = [r["error"] for r in results if "error" in r]
     last = (stderr.strip().splitlines() or ["its stderr is empty"])[-1]
     if errors or returncode != 0:
-        return _failure(f"{_ending(returncode)}: {errors[0] if errors else last}", stderr)
+        return _failure(f"{how_it_ended(returncode)}: {errors[0] if errors else last}", stderr)
     if not results:
         return _failure(f"exit code 0 without a result line: {last}", stderr)
     return results[0]

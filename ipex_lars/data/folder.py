@@ -58,6 +58,7 @@ class ImageFolderData(torch.utils.data.Dataset):
         ]
         self.image_size, self.train, self.max_pixels = image_size, train, max_pixels
         self.num_classes = len(self.classes)
+        self.channels = 3  # decoded as RGB
         self.transform = _transform(image_size, train)
         self.skipped: dict[str, str] = {}
 

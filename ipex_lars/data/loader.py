@@ -30,6 +30,11 @@ class TensorData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def channels(self) -> int:
+        """Input channels of the model that reads these images."""
+        return self.images.shape[1]
+
 
 @dataclass(frozen=True)
 class BatchPlan:

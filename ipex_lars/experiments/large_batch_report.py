@@ -13,7 +13,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's training set, for the steps-per-epoch equivalence
+from ipex_lars.plan.cost import IMAGENET_TRAIN_IMAGES  # for the steps-per-epoch equivalence
+
 CLOSE_TO_BEST = 5.0  # question 1: an lr is "usable" if its mean validation top-1 is within this of the best
 
 PREDICTIONS = """\
@@ -143,7 +144,7 @@ def _stability_md(table: dict, setup: dict) -> list[str]:
         "",
         f"{setup['depth']}-layer MLP (width {setup['width']}), no normalisation, batch "
         f"{setup['stability_batch']} ({steps} steps per epoch, {steps * setup['epochs']} steps; ImageNet takes "
-        f"as few steps per epoch at batch {IMAGENET_TRAIN // steps:,}), {setup['epochs']} epochs, "
+        f"as few steps per epoch at batch {IMAGENET_TRAIN_IMAGES // steps:,}), {setup['epochs']} epochs, "
         f"{setup['seeds']} seeds per lr. Failed = the loss became non-finite (diverged) or the final "
         "training loss was no better than guessing (ln 10).",
         "",
@@ -188,7 +189,7 @@ def _scaling_md(rows: list[dict], setup: dict) -> list[str]:
     for r in rows:
         steps = setup["n_train"] // r["batch"]
         lines.append(
-            f"| {'yes' if r['norm'] else 'no'} | {r['batch']} | {steps} | {IMAGENET_TRAIN // steps:,} | "
+            f"| {'yes' if r['norm'] else 'no'} | {r['batch']} | {steps} | {IMAGENET_TRAIN_IMAGES // steps:,} | "
             f"{_pick_md(r['sgd'])} | {_pick_md(r['lars'])} | {r['lars_minus_sgd']:+.1f} | {r['verdict']} |"
         )
     return lines

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ipex_lars.plan.cost import coefficients
 from ipex_lars.plan.presets import MODELS
+from launchers.argtypes import parse_size
 
 RANKS = 2
 SIZES = "4K,64K,1M,16M,64M,100M"
@@ -76,12 +77,10 @@ class Fit:
 
 def message_bytes(size: str) -> int:
     """Bytes ``bench comm`` actually reduces for a size like ``4K``: a float32 tensor of size // 4 values."""
-    from ipex_lars.bench.comm import parse_size  # here, not at the top: the CLI imports every command
-
     return 4 * max(1, parse_size(size) // 4)
 
 
-def measure(sizes: str, seconds: float, timeout: float = 600) -> tuple[dict[int, float], float]:
+def measure(sizes: list[str], seconds: float, timeout: float = 600) -> tuple[dict[int, float], float]:
     """Median allreduce seconds per message size, and the DDP step, from ``bench comm`` on 2 oneccl ranks."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "comm.json"
@@ -96,7 +95,7 @@ def measure(sizes: str, seconds: float, timeout: float = 600) -> tuple[dict[int,
             "--backends",
             "oneccl",
             "--sizes",
-            sizes,
+            ",".join(sizes),
             "--seconds",
             str(seconds),
             "--ddp-steps",

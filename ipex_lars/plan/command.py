@@ -30,8 +30,10 @@ from ipex_lars.plan.report import (
     sources_block,
     sources_dict,
 )
+from launchers.argtypes import byte_size, csv_of, float_range, int_range
 
 PROG = "ipex-lars plan"
+MAX_NODES = 1_000_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,32 +53,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="time oneccl allreduces between 2 local ranks and fit latency and bandwidth",
     )
     what.add_argument("--save", metavar="FILE.json", help="with --calibrate: write the fit for --network")
-    what.add_argument("--calibrate-sizes", default=calibrate.SIZES, help=f"message sizes (default {calibrate.SIZES})")
-    what.add_argument("--calibrate-seconds", type=float, default=0.2, help="time budget per size (default 0.2)")
+    what.add_argument(
+        "--calibrate-sizes",
+        type=csv_of(byte_size(1 << 30), "sizes from 1 byte to 1G, e.g. 4K,1M,16M"),
+        default=calibrate.SIZES,
+        help=f"message sizes, 1 byte to 1G each (default {calibrate.SIZES})",
+    )
+    what.add_argument(
+        "--calibrate-seconds",
+        type=float_range(0, 3600, above=True),
+        default=0.2,
+        help="time budget per size, above 0 and up to 3600 (default 0.2)",
+    )
     what.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
     model = parser.add_argument_group("model and data")
     model.add_argument("--model", help=f"parameter count preset: {', '.join(MODELS)} (default resnet50)")
-    model.add_argument("--params", type=int, help="parameter count (overrides --model's)")
-    model.add_argument("--bytes-per-param", type=int, help="bytes per gradient value reduced (default 4: fp32)")
-    model.add_argument("--global-batch", type=int, help="images per iteration over all ranks")
-    model.add_argument("--epochs", type=float, help="epochs to train (default 90)")
-    model.add_argument("--dataset-size", type=int, help="images per epoch (default 1,281,167: ImageNet-1k train)")
+    model.add_argument("--params", type=int_range(1, 10**13), help="parameter count (overrides --model's)")
+    model.add_argument(
+        "--bytes-per-param", type=int_range(1, 16), help="bytes per gradient value reduced (default 4: fp32)"
+    )
+    model.add_argument("--global-batch", type=int_range(1, 10**9), help="images per iteration over all ranks")
+    model.add_argument("--epochs", type=float_range(0, 10**6, above=True), help="epochs to train (default 90)")
+    model.add_argument(
+        "--dataset-size", type=int_range(1, 10**12), help="images per epoch (default 1,281,167: ImageNet-1k train)"
+    )
     compute = parser.add_argument_group("compute")
-    compute.add_argument("--throughput", type=float, metavar="IMG_S", help="training images/s of one node alone")
+    compute.add_argument(
+        "--throughput",
+        type=float_range(0, 10**9, above=True),
+        metavar="IMG_S",
+        help="training images/s of one node alone",
+    )
     compute.add_argument(
         "--from-bench",
         metavar="FILE.json",
         help="take the best images_per_second for the model from the results.json of `ipex-lars bench train`",
     )
-    compute.add_argument("--nodes", help="node count, or a list (1,2,4,8) for a scaling table")
     compute.add_argument(
-        "--ranks-per-node", type=int, help="ranks per node; they share the node's throughput and bandwidth (default 1)"
+        "--nodes",
+        type=csv_of(int_range(1, MAX_NODES), f"node counts from 1 to {MAX_NODES}, e.g. 16 or 1,2,4,8"),
+        help="node count, or a list (1,2,4,8) for a scaling table",
+    )
+    compute.add_argument(
+        "--ranks-per-node",
+        type=int_range(1, 8192),
+        help="ranks per node; they share the node's throughput and bandwidth (default 1)",
     )
     net = parser.add_argument_group("network")
-    net.add_argument("--latency-us", type=float, help="allreduce message latency alpha, microseconds")
-    net.add_argument("--bandwidth-gbps", type=float, help="network bandwidth of one node, Gbit/s")
+    net.add_argument("--latency-us", type=float_range(0, 10**9), help="allreduce message latency alpha, microseconds")
     net.add_argument(
-        "--reduce-gbytes-s", type=float, help="local reduction speed (gamma term), GB/s; default 0 = not modelled"
+        "--bandwidth-gbps", type=float_range(0, 10**9, above=True), help="network bandwidth of one node, Gbit/s"
+    )
+    net.add_argument(
+        "--reduce-gbytes-s",
+        type=float_range(0, 10**9),
+        help="local reduction speed (gamma term), GB/s; default 0 = not modelled",
     )
     net.add_argument("--network", metavar="FILE.json", help="latency and bandwidth from --calibrate --save")
     net.add_argument(
@@ -84,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     net.add_argument(
         "--overlap",
-        type=float,
+        type=float_range(0, 1),
         help=f"fraction of compute that can hide the allreduce (default {DEFAULT_OVERLAP:.2f}: backward's share)",
     )
 
@@ -200,8 +231,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    if args.calibrate_seconds <= 0:
-        raise PlanError(f"--calibrate-seconds must be positive, got {args.calibrate_seconds}")
     try:
         result = calibrate.fit(*calibrate.measure(args.calibrate_sizes, args.calibrate_seconds))
     except calibrate.CalibrationError as exc:

@@ -27,17 +27,6 @@ class Resolved:
     published_minutes: Input | None
 
 
-def parse_nodes(text: str) -> list[int]:
-    """``"16"`` or ``"1,2,4,8"`` as a list of node counts."""
-    try:
-        counts = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PlanError(f"--nodes takes whole numbers like 16 or 1,2,4,8, got {text!r}") from None
-    if not counts:
-        raise PlanError("--nodes is empty: give a node count like 16 or a list like 1,2,4,8")
-    return counts
-
-
 def _read_json(path: str, what: str, fix: str) -> dict:
     try:
         data = json.loads(Path(path).read_text())
@@ -112,7 +101,7 @@ def resolve(args: argparse.Namespace, scenario: Scenario | None) -> Resolved:
             else Input(MODELS[model].params, MODELS[model].source)
         ),
         "nodes": (
-            Input(",".join(map(str, parse_nodes(args.nodes))), "given: --nodes")
+            Input(",".join(map(str, args.nodes)), "given: --nodes")
             if args.nodes
             else scenario.nodes
             if scenario
@@ -182,9 +171,8 @@ def resolve(args: argparse.Namespace, scenario: Scenario | None) -> Resolved:
             "ASSUMPTION (default): backward is ~2/3 of the FLOPs of forward + backward",
         ),
     }
-    nodes = parse_nodes(
-        str(_require(s, "nodes", "the node count is unknown: give --nodes N (or a list N1,N2,...) or --scenario NAME"))
-    )
+    given = _require(s, "nodes", "the node count is unknown: give --nodes N (or a list N1,N2,...) or --scenario NAME")
+    nodes = [int(n) for n in str(given).split(",")]  # --nodes, checked by its type, or a scenario's count
     throughput = _require(
         s,
         "node_throughput",

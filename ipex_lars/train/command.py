@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ipex_lars.distributed import RendezvousError, liveness
+    from ipex_lars.ext import ExtensionBuildError
     from ipex_lars.train.checkpoint import SaveError
     from ipex_lars.train.config import load_config
     from ipex_lars.train.engine import train
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg)
     except Interrupted:
         return 130
-    except (ValueError, SaveError, RendezvousError) as exc:
+    except (ValueError, SaveError, RendezvousError, ExtensionBuildError) as exc:
         if not isinstance(exc, ResumeRefused):  # raised by every rank together; others alone: tell the peers
             liveness.fail(f"{type(exc).__name__}: {exc}")
         raise UsageError(str(exc)) from None

@@ -41,7 +41,7 @@ class Range:
 AT_LEAST_0, AT_LEAST_1, ABOVE_0, FRACTION = Range(0), Range(1), Range(0, low_open=True), Range(0, 1, high_open=True)
 
 
-def _opt(default, help: str, choices: tuple | None = None, valid: Range | None = None):  # noqa: A002
+def _opt(default, help: str, choices: tuple | None = None, valid: Range | None = None):
     return field(default=default, metadata={"help": help, "choices": choices, "range": valid})
 
 

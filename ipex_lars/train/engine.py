@@ -179,8 +179,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    in_channels = train_data.images.shape[1] if hasattr(train_data, "images") else 3
-    core, optimizer = build_model(cfg, train_data.num_classes, in_channels)
+    core, optimizer = build_model(cfg, train_data.num_classes, train_data.channels)
     warmup_steps = min(round(cfg.warmup_epochs * plan.steps_per_epoch), schedule_steps - 1)
     scheduler = WarmupPolyLR(
         optimizer,
@@ -305,7 +304,7 @@ def train_step(
         timings["backward"] += handoff - t2
         timings["allreduce"] += t3 - handoff
     t0 = time.perf_counter()
-    overlapped = report is not None and sync.optimizer is not None
+    overlapped = report is not None and report.overlapped
     if overlapped:  # each bucket was stepped after its allreduce
         finite = report.skipped_buckets == 0
     else:

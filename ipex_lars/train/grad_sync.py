@@ -38,6 +38,7 @@ class SyncReport:
     handoff: float  # perf_counter() when the last bucket went to allreduce
     skipped_buckets: int  # buckets whose gradients were not finite, left unstepped (overlap only)
     stepped_buckets: int  # buckets the optimizer updated as their allreduce completed (overlap only)
+    overlapped: bool  # each bucket was stepped as its allreduce completed: no optimizer.step() to do
 
 
 class GradientSync:
@@ -63,7 +64,7 @@ class GradientSync:
     def report(self) -> SyncReport:
         """This step's figures, once backward has returned (DDP has then waited for every bucket);
         the counts start again from zero for the next step."""
-        done = SyncReport(self._handoff, self._skipped, self._stepped)
+        done = SyncReport(self._handoff, self._skipped, self._stepped, self.optimizer is not None)
         self._skipped = self._stepped = 0
         return done
 
@@ -90,7 +91,7 @@ class GradientSync:
                 else:
                     self.optimizer.step_params(params)
                     self._stepped += 1
-            except Exception as exc:  # noqa: BLE001 - handed to DDP, which raises it in backward()
+            except Exception as exc:  # handed to DDP, which raises it in backward()
                 stepped.set_exception(exc)
             else:
                 stepped.set_result(buffer)
