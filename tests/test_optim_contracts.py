@@ -508,6 +508,19 @@ def test_the_functional_step_is_what_the_optimizer_does(impl):
     assert _same_models(model_a, model_b)
 
 
+_FUNCTIONAL_HYPER = dict(
+    lr=1.0,
+    momentum=0.9,
+    weight_decay=1e-3,
+    trust_coefficient=0.001,
+    eps=0.0,
+    nesterov=False,
+    momentum_style="paper",
+    clip=False,
+    adapt=True,
+)
+
+
 @pytest.mark.parametrize("grads", ["own", "list with a None"])
 def test_the_functional_step_takes_each_parameters_own_gradient_and_skips_missing_ones(impl, grads):
     torch.manual_seed(0)
@@ -516,18 +529,7 @@ def test_the_functional_step_takes_each_parameters_own_gradient_and_skips_missin
         p.grad = torch.randn_like(p)
     ps[1].grad = None
     twins = [p.clone() for p in ps]
-    hyper = dict(
-        lr=1.0,
-        momentum=0.9,
-        weight_decay=1e-3,
-        trust_coefficient=0.001,
-        eps=0.0,
-        nesterov=False,
-        momentum_style="paper",
-        clip=False,
-        adapt=True,
-        impl=impl,
-    )
+    hyper = dict(_FUNCTIONAL_HYPER, impl=impl)
     bufs = [torch.zeros_like(p) for p in ps]
     given = None if grads == "own" else [p.grad for p in ps]
     lars(tuple(ps), given, bufs, **hyper)  # any sequence, as torch's functional optimizers take
@@ -594,19 +596,8 @@ def test_a_dispatch_mode_sees_no_call_from_inside_the_fused_kernel():
         ps = [nn.Parameter(torch.randn(64, 128)[:, :64]), nn.Parameter(torch.randn(20_000))]
         bufs = [torch.zeros_like(p) for p in ps]
         grads = [torch.randn_like(p) for p in ps]
-        hyper = dict(
-            lr=1.0,
-            momentum=0.9,
-            weight_decay=1e-3,
-            trust_coefficient=0.001,
-            eps=0.0,
-            nesterov=False,
-            momentum_style="paper",
-            clip=False,
-            adapt=True,
-        )
         with mode:
-            lars(ps, grads, bufs, impl="fused", **hyper)
+            lars(ps, grads, bufs, impl="fused", **_FUNCTIONAL_HYPER)
         return [p.detach() for p in ps]
 
     recorder = Recorder()
