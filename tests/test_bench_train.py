@@ -18,7 +18,7 @@ TINY = [
     "16",
     "--precisions",
     "fp32",
-    "--backends",
+    "--executions",
     "native",
     "--optimizers",
     "lars",
@@ -77,8 +77,12 @@ def test_ranks_runs_through_lars_run_and_reports_scaling_efficiency(tmp_path):
         (["--warmup", "-1"], "argument --warmup: expected a whole number from 0 to 10000, got '-1'"),
         (["--timeout", "0"], "argument --timeout: expected a number above 0 and at most 86400, got '0'"),
         (
-            ["--backends", "tensorrt"],
-            "argument --backends: expected comma-separated backends out of native, ipex, compile, got 'tensorrt'",
+            ["--executions", "tensorrt"],
+            "argument --executions: expected comma-separated executions out of native, ipex, compile, got 'tensorrt'",
+        ),
+        (
+            ["--backends", "tensorrt"],  # the old name, still checked
+            "argument --backends: expected comma-separated executions out of native, ipex, compile, got 'tensorrt'",
         ),
         (["--stacks", "conda"], "argument --stacks: expected comma-separated stacks out of ipex, native, got 'conda'"),
     ],
@@ -132,6 +136,7 @@ def test_a_failing_configuration_is_reported_and_the_others_still_run(tmp_path):
     assert failed["failures"][0]["round"] == 1 and failed["failures"][0]["stderr_tail"][-1].startswith("RuntimeError")
     assert ok["model"] == "digits_cnn" and ok["images_per_second"] > 0 and ok["failures"] == []
     assert "FAILED: exited with code 1: RuntimeError" in out.stdout and "wrote " in out.stdout
+    assert "[bench train] --backends is now called --executions" in out.stderr  # the old flag still runs
 
 
 def test_a_configuration_that_times_out_is_stopped_and_reported(tmp_path):

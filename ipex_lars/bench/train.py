@@ -1,7 +1,7 @@
 """``ipex-lars bench train``: training images/second per configuration, as ratios to plain PyTorch.
 
 Configurations are model x batch x precision (fp32, bf16 autocast) x layout (NCHW,
-channels-last) x backend (native eager, ipex.optimize, torch.compile) x optimizer
+channels-last) x execution (native eager, ipex.optimize, torch.compile) x optimizer
 (our LARS, torch.optim.SGD). Next to them, in the same run, the benchmark times the
 baseline a user would write without this project: fp32, NCHW, eager, SGD. Every
 configuration runs in a fresh process (see ``train_worker``), in round-robin order
@@ -36,11 +36,11 @@ from ipex_lars.bench.train_worker import MODEL_INPUTS, RESULT_TAG
 from launchers.argtypes import UsageError, csv_of, float_range, int_range, one_of
 from launchers.supervise import how_it_ended
 
-BASELINE = {"precision": "fp32", "layout": "nchw", "backend": "native", "optimizer": "sgd"}
+BASELINE = {"precision": "fp32", "layout": "nchw", "execution": "native", "optimizer": "sgd"}
 AXES = {
     "precision": ("fp32", "bf16"),
     "layout": ("nchw", "channels_last"),
-    "backend": ("native", "ipex", "compile"),
+    "execution": ("native", "ipex", "compile"),  # TrainConfig.execution
     "optimizer": ("lars", "sgd"),
 }
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,13 +71,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=_names(choices, f"{axis}s"),
             default=list(choices),
             help=f"comma-separated subset of {', '.join(choices)} (default: all"
-            f"{'; ipex only where installed' if axis == 'backend' else ''})",
+            f"{'; ipex only where installed' if axis == 'execution' else ''})",
         )
     parser.add_argument(
         "--image-size",
         type=int_range(0, 4096),
         default=0,
         help="input side, 1-4096; 0: the model's own (224 for resnet50/alexnet_bn, 8 for digits_cnn) (default 0)",
+    )
+    parser.add_argument(  # the old name of --executions, kept working with a warning
+        "--backends", dest="old_backends", type=_names(AXES["execution"], "executions"), help=argparse.SUPPRESS
     )
     parser.add_argument(
         "--steps", type=int_range(1, 10000), default=5, help="timed steps per configuration, 1-10000 (default 5)"
@@ -198,11 +201,14 @@ def _run(python: str, spec: dict, ranks: int, timeout: float) -> dict:
 def _label(spec: dict) -> str:
     return (
         f"{spec['precision']} {'CL' if spec['layout'] == 'channels_last' else 'NCHW'} "
-        f"{spec['backend']} {spec['optimizer'].upper()}"
+        f"{spec['execution']} {spec['optimizer'].upper()}"
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.old_backends:
+        print("[bench train] --backends is now called --executions; --backends will go away", file=sys.stderr)
+        args.executions = args.old_backends
     if args.worker:
         from ipex_lars.bench.train_worker import main
 
@@ -221,11 +227,11 @@ def run(args: argparse.Namespace) -> int:
         for spec in configurations(args)
         for ranks in rank_counts
         for stack in stacks
-        if spec["backend"] != "ipex" or ipex_on[stack]
+        if spec["execution"] != "ipex" or ipex_on[stack]
     ]
-    skipped = [s or "this python" for s, ok in ipex_on.items() if not ok and "ipex" in args.backends]
+    skipped = [s or "this python" for s, ok in ipex_on.items() if not ok and "ipex" in args.executions]
     if skipped:
-        print(f"[bench train] backend ipex skipped on {', '.join(skipped)}: IPEX is not installed there")
+        print(f"[bench train] execution ipex skipped on {', '.join(skipped)}: IPEX is not installed there")
 
     from tqdm import tqdm
 

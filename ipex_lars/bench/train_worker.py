@@ -50,7 +50,7 @@ def measure(spec: dict) -> dict:
         warmup_epochs=0,
         precision=spec["precision"],
         channels_last=spec["layout"] == "channels_last",
-        execution=spec["backend"],
+        execution=spec["execution"],
         progress=False,
     )
     train_data, _ = synthetic(cfg.num_samples, image_size, num_classes=num_classes, seed=0)
