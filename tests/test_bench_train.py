@@ -163,7 +163,7 @@ def test_a_configuration_that_times_out_is_stopped_and_reported(tmp_path):
             "exited with code 1: ValueError: bad",
         ),
         (0, RESULT_TAG + "{cut", "", "exited with code 0, unparseable result line: "),
-        (0, "", "a warning\n", "exit code 0 without a result line: a warning"),
+        (0, "", "a warning\n", "exited with code 0 without a result line: a warning"),
     ],
 )
 def test_a_failed_child_is_described_by_how_it_ended(returncode, stdout, stderr, error):

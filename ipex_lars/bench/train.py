@@ -170,7 +170,7 @@ def outcome(returncode: int, stdout: str, stderr: str) -> dict:
     if errors or returncode != 0:
         return _failure(f"{how_it_ended(returncode)}: {errors[0] if errors else last}", stderr)
     if not results:
-        return _failure(f"exit code 0 without a result line: {last}", stderr)
+        return _failure(f"{how_it_ended(0)} without a result line: {last}", stderr)
     return results[0]
 
 
