@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable, Collection
 
 from affinity.errors import UsageError
@@ -23,6 +24,7 @@ __all__ = [
     "int_range",
     "one_of",
     "parse_size",
+    "renamed",
 ]
 
 
@@ -111,3 +113,15 @@ def byte_size(most: int) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def renamed(new: str, prefix: str) -> type[argparse.Action]:
+    """Action of a flag's old name: it stores into the new flag's dest after a warning on stderr
+    that starts with ``prefix``. Given both, the later one wins, as for one flag given twice."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:
+            print(f"{prefix} {option_string} is now called {new}; {option_string} will go away", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    return Renamed

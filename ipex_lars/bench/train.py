@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from ipex_lars.bench.train_worker import MODEL_INPUTS, RESULT_TAG
-from launchers.argtypes import UsageError, csv_of, float_range, int_range, one_of
+from launchers.argtypes import UsageError, csv_of, float_range, int_range, one_of, renamed
 from launchers.supervise import how_it_ended
 
 BASELINE = {"precision": "fp32", "layout": "nchw", "execution": "native", "optimizer": "sgd"}
@@ -80,7 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="input side, 1-4096; 0: the model's own (224 for resnet50/alexnet_bn, 8 for digits_cnn) (default 0)",
     )
     parser.add_argument(  # the old name of --executions, kept working with a warning
-        "--backends", dest="old_backends", type=_names(AXES["execution"], "executions"), help=argparse.SUPPRESS
+        "--backends",
+        dest="executions",
+        action=renamed("--executions", "[bench train]"),
+        type=_names(AXES["execution"], "executions"),
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
     )
     parser.add_argument(
         "--steps", type=int_range(1, 10000), default=5, help="timed steps per configuration, 1-10000 (default 5)"
@@ -206,9 +211,6 @@ def _label(spec: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.old_backends:
-        print("[bench train] --backends is now called --executions; --backends will go away", file=sys.stderr)
-        args.executions = args.old_backends
     if args.worker:
         from ipex_lars.bench.train_worker import main
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 
 from ipex_lars.train.config import TrainConfig, field_type
-from launchers.argtypes import UsageError
+from launchers.argtypes import UsageError, renamed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text
             )
-    # --execution's old name, still accepted with a warning
-    group.add_argument("--backend", dest="old_backend", choices=("native", "ipex", "compile"), help=argparse.SUPPRESS)
+    group.add_argument(  # --execution's old name, still accepted with a warning
+        "--backend",
+        dest="execution",
+        action=renamed("--execution", "[ipex-lars]"),
+        choices=("native", "ipex", "compile"),
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,9 +50,6 @@ def run(args: argparse.Namespace) -> int:
     from ipex_lars.train.stop import Interrupted
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if args.old_backend:
-        print("[ipex-lars] --backend is now called --execution; --backend will go away", file=sys.stderr)
-        overrides["execution"] = overrides["execution"] or args.old_backend
     try:
         cfg = load_config(args.recipe, overrides)
     except (ValueError, TypeError) as exc:
