@@ -558,8 +558,9 @@ def test_each_job_gets_its_own_id_and_a_free_port_unless_given(tmp_path):
 def test_nodes_that_each_run_lars_run_agree_on_port_and_job_id(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("10.9.0.1\n10.9.0.2\n")
-    outs = [
-        lars_run(
+
+    def job_id_note(*args: str) -> str:
+        out = lars_run(
             "--dry-run",
             "--json",
             "--launcher",
@@ -568,24 +569,11 @@ def test_nodes_that_each_run_lars_run_agree_on_port_and_job_id(tmp_path):
             str(hostfile),
             "--nprocs-per-node",
             "1",
-            "--node-rank",
-            str(n),
-            "x.py",
+            *args,
         )
-        for n in (0, 1)
-    ]
-    assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
-    notes = [next(n for n in json.loads(o.stdout)["notes"] if n.startswith("job id")) for o in outs]
+        assert out.returncode == 0, out.stderr
+        return next(n for n in json.loads(out.stdout)["notes"] if n.startswith("job id"))
+
+    notes = [job_id_note("--node-rank", str(n), "x.py") for n in (0, 1)]
     assert notes[0] == notes[1] and "derived from job id" in notes[0]
-    other = lars_run(
-        "--dry-run",
-        "--json",
-        "--launcher",
-        "torchrun-env",
-        "--hostfile",
-        str(hostfile),
-        "--nprocs-per-node",
-        "1",
-        "other.py",
-    )
-    assert next(n for n in json.loads(other.stdout)["notes"] if n.startswith("job id")) != notes[0]
+    assert job_id_note("other.py") != notes[0]
